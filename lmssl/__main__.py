@@ -1,0 +1,3 @@
+from lmssl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""Typed run configuration: a YAML recipe plus dotted ``key=value`` overrides.
+
+A recipe is a YAML mapping whose top-level sections mirror :class:`RunConfig`
+(``model``, ``data``, ``train``, ``optim`` and one section per objective). A model
+section may name a ``preset`` (see :mod:`lmssl.models.presets`); the fields written
+beside it override the preset's values. Every value is checked against the field's
+type, and an unknown key is an error that names the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmssl.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""  # named size/architecture preset that fills the fields below
+    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | custom
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    pad_vocab_multiple: int = 64  # embedding rows padded up to a multiple of this (speed); padded ids are never predicted
+    max_positions: int = 1024  # longest sequence the position table / RoPE cache supports
+    dim: int = 768  # residual stream width
+    n_layers: int = 12  # transformer blocks
+    n_heads: int = 12  # attention heads
+    n_kv_heads: int = 0  # 0: same as n_heads; fewer gives grouped-query attention
+    mlp_hidden: int = 0  # 0: 4 * dim (or 8/3 * dim rounded to 64 for gated MLPs)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5  # epsilon inside every norm
+    norm_position: str = "pre"  # pre (GPT-2, Llama) | post (original BERT)
+    activation: str = "gelu_tanh"  # gelu | gelu_tanh | silu | relu
+    gated_mlp: bool = False  # True: SwiGLU-style gate * up projection
+    positions: str = "learned"  # learned | rope | sincos | none
+    rope_theta: float = 10000.0  # RoPE base frequency
+    bias: bool = True  # biases in linear layers and norms
+    dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
+    tie_embeddings: bool = True  # output projection shares the token embedding matrix
+    type_vocab_size: int = 0  # >0 adds token-type (segment) embeddings, as BERT does
+    embedding_norm: bool = False  # norm after the embeddings (BERT)
+    head_transform: bool = False  # dense + activation + norm before the vocabulary projection (BERT MLM head)
+    head_bias: bool = False  # bias on the vocabulary projection
+    causal: bool = True  # default attention direction of the core; objectives may override per call
+    init_std: float = 0.02  # std of the normal initialisation of weights
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # files, folders or globs; empty: bundled corpus unless `dataset` is set
+    validation_files: list[str] = field(default_factory=list)  # held-out files; empty: bundled validation split or a slice of train
+    dataset: str = ""  # Hugging Face dataset name (e.g. HuggingFaceFW/fineweb-edu), used when train_files is empty
+    dataset_config: str = ""  # dataset configuration name (e.g. sample-10BT)
+    train_split: str = "train"  # split read for training
+    validation_split: str = ""  # split read for validation; empty: hold out validation_fraction of training documents
+    validation_fraction: float = 0.01  # documents held out when no validation split or files are given
+    text_column: str = "text"  # column holding the text in json/csv/parquet/Hub data
+    streaming: bool = False  # stream the corpus instead of tokenizing it all up front
+    shuffle_buffer: int = 10000  # documents in the streaming shuffle buffer
+    max_documents: int = 0  # >0: read at most this many training documents
+    block_size: int = 256  # tokens per training sequence
+    tokenizer: str = "default"  # "default" (shipped), a local tokenizer folder, or a Hub name
+    packing: bool = True  # pack documents into full blocks; False: one document per row, padded (line-by-line)
+    num_proc: int = 0  # processes for tokenization (0: one)
+    eval_blocks: int = 64  # validation blocks used for each evaluation (0: all)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.1  # decoupled weight decay, applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100  # linear warm-up steps
+    schedule: str = "cosine"  # cosine | linear | constant
+    fused: bool = True  # fused AdamW kernel where the device supports it
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"  # run directory: checkpoints, logs, plots
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 16  # sequences per process per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False  # torch.compile the objective
+    seed: int = 0  # seeds data order, initialisation and every random draw
+    log_every: int = 10  # steps between log lines
+    eval_every: int = 200  # steps between evaluations (0: only at the end)
+    save_every: int = 200  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    overwrite: bool = False  # allow starting over in a directory that holds another run
+    trackers: list[str] = field(default_factory=list)  # extra Accelerate trackers: tensorboard, wandb, ...
+    sample_prompt: str = "And God said"  # prompt for the text sample printed after training (decoders)
+    sample_tokens: int = 60  # tokens generated for that sample
+    max_bad_steps: int = 0  # non-finite losses skipped before stopping (0: stop at the first)
+    progress: bool = True  # tqdm progress bar on the main process
+
+
+@dataclass
+class MLMConfig:
+    mask_rate: float = 0.15  # fraction of tokens chosen for prediction
+    mask_token_prob: float = 0.8  # chosen tokens replaced by the mask token
+    random_token_prob: float = 0.1  # chosen tokens replaced by a random token (rest unchanged)
+    masking: str = "token"  # token | whole_word | span
+    mask_on_device: bool = False  # mask on the accelerator instead of in the CPU collator
+    fill_examples: int = 4  # held-out sentences shown with top-3 fills at the end
+
+
+@dataclass
+class CPCConfig:
+    segment_len: int = 8  # tokens per segment; each segment becomes one latent z_t
+    encoder_layers: int = 2  # layers of the bidirectional segment encoder
+    prediction_steps: int = 4  # K: predict z_{t+1} .. z_{t+K}
+    temperature: float = 0.1  # InfoNCE temperature
+    negatives: str = "batch"  # batch: all other (sequence, time) latents | sequence: other times of the same sequence
+
+
+@dataclass
+class RunConfig:
+    objective: str = "clm"  # clm | mlm | cpc
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    cpc: CPCConfig = field(default_factory=CPCConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of what makes two runs the same run (model, data, objective, seed)."""
+        d = self.to_dict()
+        key = {k: d[k] for k in ("objective", "model", "data", self.objective) if k in d}
+        key["seed"] = self.train.seed
+        for volatile in ("eval_blocks", "num_proc"):
+            key["data"].pop(volatile, None)
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        t = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _unknown(key: str) -> UserError:
+    near = difflib.get_close_matches(key, _all_keys(RunConfig), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))}"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotation ``typ``; convert the harmless cases (int -> float)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if value is None:
+            return []
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' expects true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"config key '{key}' expects an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config key '{key}' expects a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}' expects a string, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
+    for name, value in mapping.items():
+        key = prefix + str(name)
+        if not any(f.name == name for f in dataclasses.fields(obj)):
+            raise _unknown(key)
+        typ = _hints(type(obj))[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise UserError(f"config section '{key}' must be a mapping of keys to values, got {value!r}")
+            sub = getattr(obj, name)
+            if isinstance(sub, ModelConfig) and "preset" in value:
+                _apply_preset(sub, value["preset"], key)
+            _apply(sub, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, typ))
+
+
+def _apply_preset(model: ModelConfig, name: Any, key: str) -> None:
+    from lmssl.models.presets import PRESETS
+
+    if name in ("", None):
+        return
+    if name not in PRESETS:
+        near = difflib.get_close_matches(str(name), PRESETS, n=3)
+        raise UserError(f"unknown model preset '{name}' in '{key}'; choose one of: {', '.join(sorted(PRESETS))}"
+                        + (f" (closest: {', '.join(near)})" if near else ""))
+    for k, v in PRESETS[name].items():
+        setattr(model, k, v)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=300", "data.train_files=[a.txt,b.txt]"]`` -> nested dict."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=300)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}' sets a field inside '{p}', which is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Build a :class:`RunConfig` from a YAML recipe (or defaults) and dotted overrides."""
+    cfg = RunConfig()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise UserError(f"recipe '{recipe}' not found; pass a YAML file such as recipes/gpt_tiny.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"recipe '{recipe}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"recipe '{recipe}' must be a mapping of sections (model:, data:, train:, ...)")
+        _apply(cfg, data)
+    _apply(cfg, parse_overrides(list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a config saved with :meth:`RunConfig.to_dict` (presets already expanded)."""
+    cfg = RunConfig()
+    d = {k: v for k, v in d.items()}
+    if "model" in d:
+        d["model"] = {k: v for k, v in d["model"].items() if k != "preset"}
+        cfg.model.preset = d.get("model", {}).get("preset", "")
+    _apply(cfg, d)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that a type check cannot catch; each failure is one line naming the fix."""
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    checks = [
+        (d.block_size >= 2, f"data.block_size must be at least 2, got {d.block_size}"),
+        (d.block_size <= m.max_positions,
+         f"data.block_size={d.block_size} is larger than model.max_positions={m.max_positions}; lower the block size or raise model.max_positions"),
+        (m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}"),
+        (m.n_layers >= 1, "model.n_layers must be at least 1"),
+        (m.norm in ("layernorm", "rmsnorm"), f"model.norm must be layernorm or rmsnorm, got '{m.norm}'"),
+        (m.norm_position in ("pre", "post"), f"model.norm_position must be pre or post, got '{m.norm_position}'"),
+        (m.positions in ("learned", "rope", "sincos", "none"), f"model.positions must be learned, rope, sincos or none, got '{m.positions}'"),
+        (m.activation in ("gelu", "gelu_tanh", "silu", "relu"), f"model.activation must be gelu, gelu_tanh, silu or relu, got '{m.activation}'"),
+        (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
+        (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (o.schedule in ("cosine", "linear", "constant"), f"optim.schedule must be cosine, linear or constant, got '{o.schedule}'"),
+        (t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}"),
+        (t.micro_batch_size >= 1, f"train.micro_batch_size must be at least 1, got {t.micro_batch_size}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be at least 1, got {t.grad_accum}"),
+        (t.mixed_precision in ("no", "bf16", "fp16"), f"train.mixed_precision must be no, bf16 or fp16, got '{t.mixed_precision}'"),
+        (t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}"),
+        (cfg.objective in ("clm", "mlm", "cpc"), f"objective must be clm, mlm or cpc, got '{cfg.objective}'"),
+        (0.0 < cfg.mlm.mask_rate < 1.0, f"mlm.mask_rate must be in (0, 1), got {cfg.mlm.mask_rate}"),
+        (cfg.cpc.segment_len >= 1, f"cpc.segment_len must be at least 1, got {cfg.cpc.segment_len}"),
+        (cfg.cpc.prediction_steps >= 1, f"cpc.prediction_steps must be at least 1, got {cfg.cpc.prediction_steps}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)

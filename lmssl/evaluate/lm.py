@@ -1,0 +1,40 @@
+"""Held-out evaluation shared by every text objective."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate_objective(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+                       autocast=None) -> dict[str, float]:
+    """Mean of the objective's metrics over fixed held-out batches (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if autocast is not None:
+            with autocast():
+                _, metrics = model(batch)
+        else:
+            _, metrics = model(batch)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    model.train(was_training)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def language_metrics(loss_nats: float, bytes_per_token: float) -> dict[str, float]:
+    """Perplexity and bits-per-byte from a mean per-token loss in nats.
+
+    ``bpb = loss / ln 2 / bytes_per_token``: bits per token spread over the UTF-8 bytes
+    each token covers on average, which compares models with different tokenizers.
+    """
+    return {"perplexity": math.exp(min(loss_nats, 50.0)), "bits_per_byte": loss_nats / math.log(2) / bytes_per_token}

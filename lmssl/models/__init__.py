@@ -1,0 +1,8 @@
+"""The shared core and its wrappers: models map tensors to tensors and know nothing of objectives."""
+
+from lmssl.models.heads import LMHead
+from lmssl.models.presets import PRESETS
+from lmssl.models.text import TextBackbone
+from lmssl.models.transformer import Block, Transformer, init_weights
+
+__all__ = ["Block", "Transformer", "TextBackbone", "LMHead", "PRESETS", "init_weights"]

@@ -1,0 +1,37 @@
+"""Named architecture and size presets. A recipe's ``model.preset`` fills these fields.
+
+Each family maps exactly onto one ``transformers`` class at export: ``gpt2`` ->
+GPT2LMHeadModel, ``llama`` -> LlamaForCausalLM, ``bert`` -> BertForMaskedLM.
+"""
+
+from __future__ import annotations
+
+GPT2 = dict(family="gpt2", norm="layernorm", norm_eps=1e-5, norm_position="pre", activation="gelu_tanh",
+            gated_mlp=False, positions="learned", bias=True, tie_embeddings=True, type_vocab_size=0,
+            embedding_norm=False, head_transform=False, head_bias=False, causal=True, mlp_hidden=0, n_kv_heads=0)
+LLAMA = dict(family="llama", norm="rmsnorm", norm_eps=1e-5, norm_position="pre", activation="silu",
+             gated_mlp=True, positions="rope", rope_theta=10000.0, bias=False, tie_embeddings=True,
+             type_vocab_size=0, embedding_norm=False, head_transform=False, head_bias=False, causal=True)
+BERT = dict(family="bert", norm="layernorm", norm_eps=1e-12, norm_position="post", activation="gelu",
+            gated_mlp=False, positions="learned", bias=True, tie_embeddings=True, type_vocab_size=2,
+            embedding_norm=True, head_transform=True, head_bias=True, causal=False, mlp_hidden=0, n_kv_heads=0)
+# A modern encoder: pre-norm, RMSNorm, SwiGLU, RoPE, bidirectional. No exact transformers twin.
+ENCODER = dict(LLAMA, family="custom", causal=False)
+
+
+def _size(dim: int, n_layers: int, n_heads: int, max_positions: int, **extra) -> dict:
+    return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, max_positions=max_positions, **extra)
+
+
+PRESETS: dict[str, dict] = {
+    # laptop sizes: train on the bundled corpus on a CPU in minutes
+    "gpt_tiny": {**GPT2, **_size(256, 4, 4, 256)},
+    "llama_tiny": {**LLAMA, **_size(256, 4, 4, 256, n_kv_heads=2, mlp_hidden=704)},
+    "bert_tiny": {**BERT, **_size(256, 4, 4, 256)},
+    "encoder_tiny": {**ENCODER, **_size(256, 4, 4, 256, mlp_hidden=704)},
+    # reference sizes for GPUs
+    "gpt2": {**GPT2, **_size(768, 12, 12, 1024)},
+    "gpt2_medium": {**GPT2, **_size(1024, 24, 16, 1024)},
+    "llama_small": {**LLAMA, **_size(768, 12, 12, 2048, n_kv_heads=4, mlp_hidden=2048)},
+    "bert_base": {**BERT, **_size(768, 12, 12, 512)},
+}

@@ -1,0 +1,94 @@
+"""The shared transformer core: one block, one stack, causal or bidirectional per call.
+
+GPT, Llama, BERT, the CPC context network and (later) ViT encoders are all this class
+with different :class:`~lmssl.config.ModelConfig` values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmssl.config import ModelConfig
+from lmssl.nn import MLP, Attention, RotaryEmbedding, make_norm
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """Hidden width of the MLP: explicit, 4 * dim, or 8/3 * dim rounded up to 64 when gated."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.gated_mlp:
+        return (int(8 * cfg.dim / 3) + 63) // 64 * 64
+    return 4 * cfg.dim
+
+
+class Block(nn.Module):
+    """One transformer block ``(B, T, dim) -> (B, T, dim)``.
+
+    Pre-norm: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+    Post-norm (original BERT): ``norm1(x + attn(x))`` then ``norm2(x + mlp(x))``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.bias, cfg.dropout)
+        self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg.dim, mlp_hidden(cfg), cfg.activation, cfg.gated_mlp, cfg.bias, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), attn_mask, is_causal, rope)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, attn_mask, is_causal, rope))
+        return self.norm2(x + self.mlp(x))
+
+
+class Transformer(nn.Module):
+    """Stack of :class:`Block` over embeddings: ``x (B, T, dim) -> (B, T, dim)``.
+
+    ``attn_mask`` is a key-padding mask ``(B, T)`` (True = real token). ``is_causal=None``
+    uses ``cfg.causal``. Rotary positions, when configured, are applied inside attention;
+    other position schemes are added to ``x`` by the caller (see :mod:`lmssl.models.text`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias) if cfg.norm_position == "pre" else nn.Identity()
+        head_dim = cfg.dim // cfg.n_heads
+        self.rope = RotaryEmbedding(head_dim, cfg.max_positions, cfg.rope_theta) if cfg.positions == "rope" else None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
+        causal = self.cfg.causal if is_causal is None else is_causal
+        rope = self.rope.cos_sin(x.shape[1], x.device, x.dtype) if self.rope is not None else None
+        for block in self.blocks:
+            x = block(x, attn_mask, causal, rope)
+        return self.norm(x)
+
+
+def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
+    """GPT-2 style initialisation: N(0, std) weights, zero biases, unit norms, and residual
+    output projections scaled by ``1 / sqrt(2 * n_layers)``."""
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            std = residual_std if name.endswith(("attn.proj", "mlp.fc2")) else cfg.init_std
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, cfg.init_std)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if name.endswith("positions.weight"):
+            nn.init.normal_(p, 0.0, cfg.init_std)

@@ -1,0 +1,9 @@
+"""Building blocks of the shared transformer core, one concept per file."""
+
+from lmssl.nn.attention import Attention
+from lmssl.nn.embeddings import TokenEmbedding
+from lmssl.nn.mlp import MLP
+from lmssl.nn.norm import make_norm
+from lmssl.nn.positional import LearnedPositions, RotaryEmbedding, sincos_positions
+
+__all__ = ["Attention", "MLP", "make_norm", "LearnedPositions", "RotaryEmbedding", "sincos_positions", "TokenEmbedding"]

@@ -1,0 +1,53 @@
+"""Causal language modelling (GPT): predict token t+1 from tokens <= t."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmssl.config import ModelConfig, RunConfig
+from lmssl.models import LMHead, TextBackbone
+from lmssl.models.generate import generate
+from lmssl.train.flops import transformer_flops_per_token
+
+
+class CausalLM(nn.Module):
+    """Decoder backbone + LM head. ``batch["input_ids"] (B, T)`` -> next-token cross-entropy.
+
+    Positions where the next token is padding (``attention_mask == 0``) are not scored.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = TextBackbone(cfg)
+        self.head = LMHead(cfg, self.backbone.tokens)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return transformer_flops_per_token(self.cfg, self.backbone.num_params(), seq_len)
+
+    def logits(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T) -> (B, T, vocab_size)`` (padding rows of the vocabulary removed)."""
+        return self.head(self.backbone(input_ids, attn_mask, is_causal=True))[..., : self.cfg.vocab_size]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = batch["input_ids"]
+        attn = batch.get("attention_mask")
+        h = self.backbone(ids, attn, is_causal=True)[:, :-1]  # (B, T-1, dim)
+        targets = ids[:, 1:]  # (B, T-1)
+        if attn is not None:
+            targets = targets.masked_fill(attn[:, 1:] == 0, -100)
+        logits = self.head(h)  # (B, T-1, V_padded)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def report(self, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+        """Sample a continuation of ``prompt``: the end-of-run picture for a decoder."""
+        return generate(self.backbone, self.head, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=50,
+                        seed=seed)
+
+
+def build(cfg: RunConfig, tokenizer) -> CausalLM:
+    return CausalLM(cfg.model)

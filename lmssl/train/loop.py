@@ -1,0 +1,307 @@
+"""The training loop on Accelerate. One function, readable top to bottom; features are
+small helpers beside it (run directory, checkpoints, logging, evaluation)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lmssl import objectives
+from lmssl.config import RunConfig, config_from_dict
+from lmssl.data.batches import build_text_data, micro_batch
+from lmssl.data.tokenizer import load_tokenizer
+from lmssl.errors import UserError
+from lmssl.evaluate import evaluate_objective, language_metrics
+from lmssl.train import checkpoint as ckpt
+from lmssl.train.flops import device_peak_flops, transformer_flops_per_token
+from lmssl.train.log import JsonlLog, plot_loss_curve
+from lmssl.train.optim import make_optimizer, make_schedule
+
+
+class TrainingDiverged(UserError):
+    """Loss or gradient became NaN/inf more often than allowed."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    cursor: int = 0  # global sample cursor (see lmssl.data.batches)
+    tokens_seen: int = 0
+    bad_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global RNGs for one step of one process: resuming at any step replays
+    exactly the same dropout and sampling draws."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def complete_model_config(cfg: RunConfig, tokenizer) -> None:
+    """Take the vocabulary size from the tokenizer; refuse a mismatch."""
+    n = len(tokenizer)
+    if cfg.model.vocab_size and cfg.model.vocab_size != n:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer's {n} tokens "
+                        f"({cfg.data.tokenizer}); set model.vocab_size=0 to take it from the tokenizer")
+    cfg.model.vocab_size = n
+
+
+def prepare_run_dir(cfg: RunConfig, is_main: bool, log) -> ckpt.Checkpoint | None:
+    """Claim the output directory; return the checkpoint to resume from, if any."""
+    out = Path(cfg.train.output_dir)
+    run_file = out / "run.json"
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text())
+        except ValueError:
+            previous = {}
+        if previous.get("fingerprint") != cfg.fingerprint():
+            if not cfg.train.overwrite:
+                raise UserError(f"{out} holds a different run (its model, data or objective differ); choose another "
+                                "train.output_dir, or pass train.overwrite=true to start over there")
+            if is_main:
+                log(f"overwriting the run in {out} (train.overwrite=true)")
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                (out / "log.jsonl").unlink(missing_ok=True)
+        elif cfg.train.overwrite and is_main:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) and not cfg.train.overwrite:
+        raise UserError(f"{out} holds checkpoints but no run.json; choose another train.output_dir or pass "
+                        "train.overwrite=true")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_file, json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}, indent=1))
+    return ckpt.find_resumable(out, log) if not cfg.train.overwrite or run_file.is_file() else None
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild ``(objective, cfg, tokenizer)`` from a run directory's latest good checkpoint."""
+    run_dir = Path(run_dir)
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise UserError(f"{run_dir} is not an lmssl run directory (no run.json); pass the train.output_dir of a run")
+    cfg = config_from_dict(json.loads(run_file.read_text())["config"])
+    c = ckpt.find_resumable(run_dir)
+    if c is None:
+        raise UserError(f"{run_dir} has no usable checkpoint yet; train it first (lmssl pretrain ...)")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = objectives.build(cfg, tokenizer)
+    ckpt.load_weights(model, c.path / "model.safetensors")
+    return model.to(device).eval(), cfg, tokenizer
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None,
+                              project_dir=cfg.train.output_dir)
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
+    out = Path(cfg.train.output_dir)
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    complete_model_config(cfg, tokenizer)
+    with accelerator.main_process_first():
+        resume = prepare_run_dir(cfg, is_main, log)
+        data = build_text_data(cfg, tokenizer, log)
+
+    set_seed(cfg.train.seed)
+    objective = objectives.build(cfg, tokenizer)
+    n_params = sum(p.numel() for p in objective.parameters())
+    optimizer = make_optimizer(objective, cfg.optim, accelerator.device.type)
+    schedule = make_schedule(optimizer, cfg.optim, cfg.train.max_steps)
+    state = TrainState()
+    if resume is not None:
+        ckpt.load_weights(objective, resume.path / "model.safetensors")
+        optimizer.load_state_dict(ckpt.load_optimizer_state(resume.path))
+        saved = ckpt.load_trainer_state(resume.path)
+        schedule.load_state_dict(saved["schedule"])
+        state = TrainState(saved["step"], saved["cursor"], saved["tokens_seen"], saved.get("bad_steps", 0))
+        log(f"resuming from {resume.path} (step {state.step})")
+    model = torch.compile(objective) if cfg.train.compile else objective
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.trackers:
+        accelerator.init_trackers(out.name, config=_flat(cfg.to_dict()))
+
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    global_batch = micro * accum * world
+    seq = cfg.data.block_size
+    flops_per_token = (objective.flops_per_token(seq) if hasattr(objective, "flops_per_token")
+                       else transformer_flops_per_token(cfg.model, n_params, seq))
+    peak, peak_source = device_peak_flops(accelerator.device)
+    jsonl = JsonlLog(out / "log.jsonl", state.step if resume is not None else None, enabled=is_main)
+    log(f"{cfg.objective} | {n_params / 1e6:.2f}M parameters | {world} process(es) on {accelerator.device} | "
+        f"global batch {global_batch} x {seq} tokens | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+
+    stop = _StopSignal()
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (is_main and cfg.train.progress),
+               desc=cfg.objective, unit="step", dynamic_ncols=True)
+    window: dict[str, float] = {}
+    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+    model.train()
+    while state.step < cfg.train.max_steps:
+        torch.manual_seed(step_seed(cfg.train.seed, state.step, rank))
+        step_metrics: dict[str, torch.Tensor] = {}
+        for a in range(accum):
+            batch, first = micro_batch(data, cfg, state.cursor, a, rank, world)
+            if hasattr(objective, "prepare_batch"):
+                batch = objective.prepare_batch(batch, torch.Generator().manual_seed(step_seed(cfg.train.seed, first, 0)))
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            sync = a == accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss, metrics = model(batch)
+                accelerator.backward(loss / accum)
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0) + v.float() / accum
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+        health = torch.stack([step_metrics["loss"], grad_norm if grad_norm is not None else torch.zeros(()),
+                              torch.tensor(float(stop.requested))]).to(accelerator.device)
+        if world > 1:
+            health = accelerator.reduce(health, "sum")
+        finite = bool(torch.isfinite(health[:2]).all())
+        state.cursor += global_batch
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            state.bad_steps += 1
+            log(f"warning: non-finite loss or gradient at step {state.step + 1} ({state.bad_steps} so far); step skipped")
+            if state.bad_steps > cfg.train.max_bad_steps:
+                stop.restore()
+                last = ckpt.find_resumable(out)
+                raise TrainingDiverged(
+                    f"loss became {float(health[0]):.4g} (grad norm {float(health[1]):.4g}) at step {state.step + 1}; "
+                    f"training stopped. Last good checkpoint: {last.path if last else 'none'}. Lower optim.lr, "
+                    "raise optim.warmup_steps, or allow train.max_bad_steps")
+            continue
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += global_batch * seq
+        window_steps += 1
+        window_tokens += global_batch * seq
+        for k, v in step_metrics.items():
+            window[k] = window.get(k, 0.0) + v  # tensors: read at log time only
+        if grad_norm is not None:
+            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+        bar.update(1)
+
+        last_step = state.step == cfg.train.max_steps
+        if state.step % cfg.train.log_every == 0 or last_step:
+            elapsed = time.perf_counter() - t_window
+            record = {k: float(v) / window_steps for k, v in window.items()}
+            if world > 1:
+                record = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                          for k, v in record.items()}
+            tok_s = window_tokens / max(elapsed, 1e-9)
+            record.update(step=state.step, lr=schedule.get_last_lr()[0], tokens_per_s=tok_s,
+                          tflops=tok_s * flops_per_token / 1e12, tokens_seen=state.tokens_seen)
+            record["mfu"] = tok_s * flops_per_token / (peak * world) if peak else 0.0
+            jsonl.write(record)
+            if cfg.train.trackers:
+                accelerator.log(record, step=state.step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+            state.metrics = record
+            window, window_steps, window_tokens, t_window = {}, 0, 0, time.perf_counter()
+
+        if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last_step:
+            ev = _evaluate(objective, data, cfg, accelerator)
+            jsonl.write({"step": state.step, "kind": "eval", **{f"eval_{k}": v for k, v in ev.items()}})
+            log(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in ev.items()))
+            state.metrics.update({f"eval_{k}": v for k, v in ev.items()})
+            if is_main:
+                plot_loss_curve(out / "log.jsonl", out / "loss_curve.png", f"{cfg.objective}: {out.name}")
+
+        stopping = bool(health[2] > 0)
+        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last_step or stopping:
+            _save(accelerator, model, optimizer, schedule, state, cfg)
+        if stopping:
+            bar.close()
+            stop.restore()
+            log(f"stopped by signal at step {state.step}; checkpoint saved. Run the same command again to resume.")
+            accelerator.end_training()
+            return {"stopped": True, "step": state.step, **state.metrics}
+    bar.close()
+    stop.restore()
+    accelerator.end_training()
+    result = {"step": state.step, "tokens_seen": state.tokens_seen, "params": n_params, **state.metrics}
+    if is_main:
+        result["loss_curve"] = str(out / "loss_curve.png") if (out / "loss_curve.png").exists() else None
+        if hasattr(objective, "report"):
+            result["report"] = _report(objective, cfg, tokenizer, data, accelerator)
+        (out / "final_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1))
+    return result
+
+
+def _evaluate(objective, data, cfg: RunConfig, accelerator) -> dict[str, float]:
+    batches = data.eval_batches
+    if hasattr(objective, "prepare_batch"):
+        batches = [objective.prepare_batch(dict(b), torch.Generator().manual_seed(10_007 + i)) for i, b in enumerate(batches)]
+    ev = evaluate_objective(objective, batches, accelerator.device, accelerator.autocast)
+    if cfg.objective == "clm":
+        ev.update(language_metrics(ev["loss"], data.bytes_per_token))
+    return ev
+
+
+def _report(objective, cfg: RunConfig, tokenizer, data, accelerator) -> str:
+    with accelerator.autocast():
+        if cfg.objective == "clm":
+            return objective.report(tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens, seed=cfg.train.seed)
+        return objective.report(tokenizer, data.eval_batches, cfg)
+
+
+def _save(accelerator, model, optimizer, schedule, state: TrainState, cfg: RunConfig) -> None:
+    model_state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+        trainer_state = {"step": state.step, "cursor": state.cursor, "tokens_seen": state.tokens_seen,
+                         "bad_steps": state.bad_steps, "schedule": schedule.state_dict(),
+                         "fingerprint": cfg.fingerprint(), "metrics": state.metrics, "time": time.time()}
+        ckpt.save_checkpoint(Path(cfg.train.output_dir), state.step, model_state, optimizer.state_dict(),
+                             trainer_state, cfg.train.keep_last)
+    accelerator.wait_for_everyone()
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM ask the loop to finish the current step, save and exit; a second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
