@@ -13,7 +13,6 @@ a run resumes exactly whatever the number of processes:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -25,58 +24,13 @@ import numpy as np
 import torch
 
 from lmssl.config import DataConfig
+from lmssl.data.files import builder_for, resolve_files
 from lmssl.errors import UserError
 from lmssl.train.flops import cache_dir
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 BUNDLED = {"train": [str(CORPUS_DIR / "kjv_train.txt")], "validation": [str(CORPUS_DIR / "kjv_validation.txt")]}
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
-            ".parquet": "parquet", ".gz": None}
 REPLACEMENT = "\ufffd"
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def resolve_files(patterns: list[str], key: str) -> list[str]:
-    """Expand files, folders (recursively) and globs into a sorted list of readable files."""
-    files: list[str] = []
-    for pattern in patterns:
-        p = Path(pattern).expanduser()
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and _builder(str(f), strict=False))
-            if not found:
-                raise UserError(f"{key}: folder '{pattern}' holds no .txt/.json/.jsonl/.csv/.parquet files")
-            files += found
-        elif any(c in pattern for c in "*?["):
-            found = sorted(f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f))
-            if not found:
-                raise UserError(f"{key}: the pattern '{pattern}' matches no files; check the path or quote the glob")
-            files += found
-        elif p.is_file():
-            files.append(str(p))
-        else:
-            raise UserError(f"{key}: data file '{pattern}' does not exist")
-    for f in files:
-        if os.path.getsize(f) == 0:
-            raise UserError(f"{key}: data file '{f}' is empty; remove it from the list or give it text")
-        if not os.access(f, os.R_OK):
-            raise UserError(f"{key}: data file '{f}' is not readable; check its permissions")
-    _builder(files[0], strict=True)
-    kinds = {_builder(f, strict=True) for f in files}
-    if len(kinds) > 1:
-        raise UserError(f"{key}: mixes file types {sorted(kinds)}; give one kind of file per list")
-    return files
-
-
-def _builder(path: str, strict: bool) -> str | None:
-    suffixes = Path(path).suffixes
-    ext = suffixes[-2] if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst") and len(suffixes) > 1 else (
-        suffixes[-1] if suffixes else "")
-    builder = BUILDERS.get(ext.lower())
-    if builder is None and strict:
-        raise UserError(f"cannot tell how to read '{path}': use .txt, .json, .jsonl, .csv or .parquet files")
-    return builder
 
 
 # ----------------------------------------------------------------------------- documents
@@ -103,7 +57,7 @@ def load_documents(cfg: DataConfig, split: str, streaming: bool | None = None):
         else:
             files = resolve_files(cfg.train_files, "data.train_files")
             holdout = not cfg.validation_files
-        builder = _builder(files[0], strict=True)
+        builder = _one_builder(files)
         kwargs = {"encoding_errors": "replace"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files={"data": files}, split="data", streaming=streaming, **kwargs)
@@ -134,6 +88,16 @@ def load_documents(cfg: DataConfig, split: str, streaming: bool | None = None):
     if split == "train" and cfg.max_documents > 0:
         ds = ds.take(cfg.max_documents) if streaming else ds.select(range(min(cfg.max_documents, len(ds))))
     return ds
+
+
+def _one_builder(files: list[str]) -> str:
+    kinds = {builder_for(f) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if builder_for(f) is None)
+        raise UserError(f"cannot tell how to read '{bad}': use .txt, .json, .jsonl, .csv or .parquet files")
+    if len(kinds) > 1:
+        raise UserError(f"the data files mix kinds {sorted(kinds)}; give one kind of file per list")
+    return kinds.pop()
 
 
 def builder_is_text(ds) -> bool:

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from lmssl.data.files import builder_for, resolve_files
 from lmssl.errors import UserError
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ SPECIAL_TOKEN_ROLES = ("eos_token", "pad_token", "unk_token", "mask_token", "cls
 # bytes plus the special tokens plus some room for merges/pieces.
 MIN_VOCAB_SIZE = {"bpe": 300, "unigram": 300, "wordpiece": 100}
 
-TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json")  # files picked up when a folder is given
 BATCH_LINES = 1000  # lines per batch handed to the `tokenizers` trainers
 SPM_MAX_SENTENCE_BYTES = 16384  # longer lines are cut at spaces before SentencePiece sees them
 SPM_SAMPLE_SENTENCES = 1_000_000  # SentencePiece keeps a random sample of at most this many lines
@@ -69,46 +69,6 @@ RETRAIN_DEFAULT = (  # the command that made the shipped tokenizer/ folder
 # Input: files, folders and globs, streamed line by line
 
 
-def resolve_files(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files, folders (searched recursively for .txt/.jsonl/.json, optionally .gz)
-    and globs into a sorted, de-duplicated list of files. Raises UserError when a
-    pattern matches nothing or a named file is empty."""
-    if isinstance(patterns, (str, os.PathLike)):
-        patterns = [patterns]
-    found: dict[Path, None] = {}  # ordered set
-    for pattern in patterns:
-        pattern = os.path.expanduser(os.fspath(pattern))
-        path = Path(pattern)
-        if path.is_dir():
-            matches = sorted(
-                p for p in path.rglob("*") if p.is_file() and _is_text_file(p) and not p.name.startswith(".")
-            )
-            if not matches:
-                raise UserError(
-                    f"folder {pattern} holds no {'/'.join(TEXT_SUFFIXES)} files; "
-                    "point --files at the text files themselves"
-                )
-        elif path.is_file():
-            if path.stat().st_size == 0:
-                raise UserError(f"{pattern} is empty; give a file with one document per line")
-            matches = [path]
-        elif glob.has_magic(pattern):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-            if not matches:
-                raise UserError(f"no files match {pattern!r}; check the path (globs such as data/*.txt are allowed)")
-        else:
-            raise UserError(f"{pattern} does not exist; give a file, a folder or a glob such as data/*.txt")
-        found.update(dict.fromkeys(matches))
-    if not found:
-        raise UserError("no input files given; pass one or more files, folders or globs")
-    return list(found)
-
-
-def _is_text_file(path: Path) -> bool:
-    name = path.name.removesuffix(".gz")
-    return name.endswith(TEXT_SUFFIXES)
-
-
 def _open_text(path: Path) -> TextIO:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
@@ -116,7 +76,11 @@ def _open_text(path: Path) -> TextIO:
 
 
 def _iter_file(path: Path, text_column: str) -> Iterator[str]:
-    """Yield the non-blank documents of one file, one line at a time."""
+    """Yield the non-blank documents of one file, one line at a time (csv and parquet
+    stream through ``datasets``)."""
+    if builder_for(path) in ("csv", "parquet"):
+        yield from _iter_table(path, text_column)
+        return
     is_json = path.name.removesuffix(".gz").endswith((".jsonl", ".json"))
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
@@ -146,6 +110,17 @@ def _iter_file(path: Path, text_column: str) -> Iterator[str]:
                 yield text
 
 
+def _iter_table(path: Path, text_column: str) -> Iterator[str]:
+    import datasets
+
+    ds = datasets.load_dataset(builder_for(path), data_files=[str(path)], split="train", streaming=True)
+    for row in ds:
+        if text_column not in row:
+            raise UserError(f"{path} has no {text_column!r} column (it has {sorted(row)}); pass --text-column")
+        if isinstance(row[text_column], str) and row[text_column].strip():
+            yield row[text_column]
+
+
 def iter_texts(
     files: str | os.PathLike | Iterable[str | os.PathLike],
     *,
@@ -154,7 +129,7 @@ def iter_texts(
 ) -> Iterator[str]:
     """Stream the documents (non-blank lines, or the ``text_column`` of JSON Lines) of
     ``files`` in order, at most ``max_lines`` of them. Nothing is read ahead."""
-    paths = resolve_files(files)
+    paths = [Path(f) for f in resolve_files(files)]
     texts = itertools.chain.from_iterable(_iter_file(p, text_column) for p in paths)
     if max_lines is not None:
         texts = itertools.islice(texts, max_lines)
@@ -227,7 +202,7 @@ def train_tokenizer(
         raise UserError(f"{out_dir} is a file; --out must be a folder (it is created if missing)")
 
     special_tokens = list(special_tokens)
-    paths = resolve_files(files)
+    paths = [Path(f) for f in resolve_files(files)]
     texts = _non_empty(iter_texts(paths, text_column=text_column, max_lines=max_lines), ", ".join(map(str, paths)))
 
     if model == "unigram":
@@ -538,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown tokenizer command {args.tokenizer_command!r}; use `lmssl tokenizer train`")
     # Resolve the held-out files first, so a typo fails before minutes of training.
     if args.validation_files:
-        held_out, limit, label = resolve_files(args.validation_files), None, " ".join(args.validation_files)
+        held_out, limit, label = resolve_files(args.validation_files, "--validation-files"), None, " ".join(args.validation_files)
     else:
         first = resolve_files(args.files)[0]
         held_out, limit, label = [first], 200, f"first 200 lines of {first} (seen in training)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from lmssl.evaluate import evaluate_objective, language_metrics
 from lmssl.train import checkpoint as ckpt
 from lmssl.train.flops import device_peak_flops, transformer_flops_per_token
 from lmssl.train.log import JsonlLog, plot_loss_curve
-from lmssl.train.optim import make_optimizer, make_schedule
+from lmssl.train.optim import lr_factor, make_optimizer, make_schedule
 
 
 class TrainingDiverged(UserError):
@@ -106,7 +107,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None,
                               project_dir=cfg.train.output_dir)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
+    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda msg: None)
     out = Path(cfg.train.output_dir)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -126,8 +127,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         optimizer.load_state_dict(ckpt.load_optimizer_state(resume.path))
         saved = ckpt.load_trainer_state(resume.path)
         schedule.load_state_dict(saved["schedule"])
+        _apply_optim_config(optimizer, schedule, cfg)  # the recipe, not the checkpoint, sets hyper-parameters
         state = TrainState(saved["step"], saved["cursor"], saved["tokens_seen"], saved.get("bad_steps", 0))
         log(f"resuming from {resume.path} (step {state.step})")
+    if state.step >= cfg.train.max_steps:
+        log(f"{out} is already trained to step {state.step}; raise train.max_steps to train further")
+        return {"step": state.step, "tokens_seen": state.tokens_seen, "complete": True}
     model = torch.compile(objective) if cfg.train.compile else objective
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.train.trackers:
@@ -257,6 +262,16 @@ def _report(objective, cfg: RunConfig, tokenizer, data, accelerator) -> str:
         if cfg.objective == "clm":
             return objective.report(tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens, seed=cfg.train.seed)
         return objective.report(tokenizer, data.eval_batches, cfg)
+
+
+def _apply_optim_config(optimizer, schedule, cfg: RunConfig) -> None:
+    o = cfg.optim
+    for group, decays in zip(optimizer.param_groups, (True, False)):
+        group.update(initial_lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay if decays else 0.0)
+    schedule.base_lrs = [o.lr for _ in optimizer.param_groups]
+    schedule.lr_lambdas = [lambda s: lr_factor(s, o, cfg.train.max_steps) for _ in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, schedule.base_lrs):
+        group["lr"] = base * lr_factor(schedule.last_epoch, o, cfg.train.max_steps)
 
 
 def _save(accelerator, model, optimizer, schedule, state: TrainState, cfg: RunConfig) -> None:

@@ -12,6 +12,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+
+from lmssl.data.files import resolve_files
 from transformers import AutoTokenizer
 
 from lmssl.data import tokenizer as T
@@ -147,10 +149,10 @@ def test_jsonl_folder_and_glob_inputs(tmp_path):
             record = json.loads(line)
             dst.write(json.dumps({"body": record["text"]}) + "\n")
     (folder / "b.txt").write_text("And God said, Let there be light.\n\n   \nand there was light.\n", encoding="utf-8")
-    (folder / "notes.csv").write_text("ignored,because,csv\n", encoding="utf-8")
+    (folder / "notes.pdf").write_text("ignored: not a text kind\n", encoding="utf-8")
 
-    assert T.resolve_files(folder) == [folder / "a.jsonl", folder / "b.txt"]
-    assert T.resolve_files(str(folder / "*.txt")) == [folder / "b.txt"]
+    assert resolve_files(folder) == [str(folder / "a.jsonl"), str(folder / "b.txt")]
+    assert resolve_files(str(folder / "*.txt")) == [str(folder / "b.txt")]
     assert list(T.iter_texts(folder / "b.txt")) == ["And God said, Let there be light.", "and there was light."]
 
     tok = T.train_tokenizer([str(folder)], 400, "wordpiece", tmp_path / "out", text_column="body")

@@ -1,0 +1,75 @@
+import torch
+
+from lmssl.config import ModelConfig
+from lmssl.models import LMHead, TextBackbone
+from lmssl.models.presets import PRESETS
+
+
+def make(preset: str, **kw) -> ModelConfig:
+    cfg = ModelConfig(**{**PRESETS[preset], "dim": 32, "n_layers": 2, "n_heads": 4, "max_positions": 32,
+                         "vocab_size": 100, **kw})
+    if cfg.mlp_hidden:
+        cfg.mlp_hidden = 64
+    return cfg
+
+
+def test_shapes_and_padded_vocab():
+    torch.manual_seed(0)
+    cfg = make("gpt_tiny")
+    b = TextBackbone(cfg)
+    h = LMHead(cfg, b.tokens)
+    ids = torch.randint(0, 100, (3, 10))
+    assert b(ids).shape == (3, 10, 32)
+    assert h(b(ids)).shape == (3, 10, 128)  # 100 padded to a multiple of 64
+    assert h.weight is b.tokens.weight  # tied
+
+
+def test_causal_output_ignores_future_tokens():
+    torch.manual_seed(0)
+    for preset in ("gpt_tiny", "llama_tiny"):
+        b = TextBackbone(make(preset)).eval()
+        ids = torch.randint(0, 100, (2, 12))
+        changed = ids.clone()
+        changed[:, 8:] = (changed[:, 8:] + 1) % 100
+        a, c = b(ids), b(changed)
+        assert torch.allclose(a[:, :8], c[:, :8], atol=1e-6)
+        assert not torch.allclose(a[:, 8:], c[:, 8:], atol=1e-3)
+
+
+def test_bidirectional_sees_future_and_padding_is_ignored():
+    torch.manual_seed(0)
+    b = TextBackbone(make("bert_tiny")).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 100
+    assert not torch.allclose(b(ids)[:, 0], b(changed)[:, 0], atol=1e-4)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[:, -1] = 0  # the changed token is padding now: no effect on the real ones
+    assert torch.allclose(b(ids, mask)[:, :-1], b(changed, mask)[:, :-1], atol=1e-5)
+
+
+def test_causal_with_padding_matches_unpadded():
+    torch.manual_seed(0)
+    b = TextBackbone(make("llama_tiny")).eval()
+    ids = torch.randint(0, 100, (1, 9))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 3)], 1).long()
+    assert torch.allclose(b(ids), b(padded, mask)[:, :9], atol=1e-5)
+
+
+def test_gqa_and_variants_build():
+    for preset in PRESETS:
+        cfg = make(preset)
+        if cfg.n_kv_heads:
+            cfg.n_kv_heads = 2
+        out = TextBackbone(cfg)(torch.randint(0, 100, (2, 5)))
+        assert out.shape == (2, 5, 32) and torch.isfinite(out).all()
+
+
+def test_weight_decay_groups():
+    from lmssl.train.optim import param_groups
+
+    b = TextBackbone(make("gpt_tiny"))
+    decay, no_decay = param_groups(b, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0

@@ -1,0 +1,50 @@
+import pytest
+
+from lmssl.config import RunConfig, load_config, parse_overrides
+from lmssl.errors import UserError
+from tests.conftest import ROOT
+
+
+def test_recipe_and_overrides():
+    cfg = load_config(ROOT / "recipes" / "gpt_tiny.yaml",
+                      ["train.max_steps=300", "data.train_files=my/*.txt", "optim.lr=1e-4", "model.dropout=0.1"])
+    assert cfg.train.max_steps == 300
+    assert cfg.data.train_files == ["my/*.txt"]
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.family == "gpt2" and cfg.model.dim == 256  # from the preset
+    assert cfg.model.dropout == 0.1
+
+
+def test_preset_then_field_override():
+    cfg = load_config(None, ["model.preset=llama_tiny", "model.n_layers=3"])
+    assert cfg.model.norm == "rmsnorm" and cfg.model.positions == "rope" and cfg.model.n_layers == 3
+
+
+def test_unknown_key_lists_near_keys():
+    with pytest.raises(UserError) as e:
+        load_config(None, ["train.max_step=3"])
+    assert "train.max_steps" in str(e.value)
+    with pytest.raises(UserError, match="valid sections"):
+        load_config(None, ["nosuch.thing=1"])
+
+
+@pytest.mark.parametrize("override, word", [("train.max_steps=abc", "integer"), ("optim.lr=fast", "number"),
+                                            ("train.overwrite=maybe", "true or false"),
+                                            ("data.block_size=0", "block_size"), ("optim.lr=-1", "positive"),
+                                            ("mlm.mask_rate=1.0", "mask_rate"),
+                                            ("data.block_size=4096", "max_positions")])
+def test_bad_values(override, word):
+    with pytest.raises(UserError, match=word):
+        load_config(ROOT / "recipes" / "gpt_tiny.yaml", [override])
+
+
+def test_fingerprint_ignores_training_length():
+    a = load_config(None, ["train.max_steps=10"])
+    b = load_config(None, ["train.max_steps=20"])
+    c = load_config(None, ["model.dim=512", "model.n_heads=8"])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_parse_overrides_lists():
+    assert parse_overrides(["data.train_files=[a.txt, b.txt]"]) == {"data": {"train_files": ["a.txt", "b.txt"]}}
+    assert isinstance(RunConfig().to_dict(), dict)
