@@ -86,7 +86,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_config(resolve_recipe(args.recipe), args.overrides)
     result = train(cfg)
-    if result.get("report") is not None or "eval_loss" in result:
+    if result.get("main_process") and "eval_loss" in result:
         print_summary(cfg, result)
     return 0
 

@@ -4,6 +4,7 @@ small helpers beside it (run directory, checkpoints, logging, evaluation)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -104,8 +105,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # Without GPUs, a torchrun / `accelerate launch` world of several processes is Accelerate's multi-CPU mode.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None,
-                              project_dir=cfg.train.output_dir)
+                              project_dir=cfg.train.output_dir, cpu=multi_cpu)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda msg: None)
     out = Path(cfg.train.output_dir)
@@ -238,7 +241,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     bar.close()
     stop.restore()
     accelerator.end_training()
-    result = {"step": state.step, "tokens_seen": state.tokens_seen, "params": n_params, **state.metrics}
+    result = {"step": state.step, "tokens_seen": state.tokens_seen, "params": n_params, "main_process": is_main,
+              **state.metrics}
     if is_main:
         result["loss_curve"] = str(out / "loss_curve.png") if (out / "loss_curve.png").exists() else None
         if hasattr(objective, "report"):
