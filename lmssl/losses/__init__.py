@@ -1,0 +1,30 @@
+"""Loss functions: pure functions that hold the math, thin modules that hold settings.
+
+Contrastive (``contrastive``): InfoNCE, SimCLR's NT-Xent, a CLIP-style learned
+temperature. Distributed helpers (``distributed``): an all-gather that keeps gradients.
+"""
+
+from lmssl.losses.contrastive import (
+    InfoNCELoss,
+    LearnedTemperature,
+    NTXentLoss,
+    info_nce,
+    info_nce_with_accuracy,
+    nt_xent,
+    nt_xent_with_accuracy,
+    similarity_logits,
+)
+from lmssl.losses.distributed import gather_with_grad, rank_offset
+
+__all__ = [
+    "InfoNCELoss",
+    "LearnedTemperature",
+    "NTXentLoss",
+    "gather_with_grad",
+    "info_nce",
+    "info_nce_with_accuracy",
+    "nt_xent",
+    "nt_xent_with_accuracy",
+    "rank_offset",
+    "similarity_logits",
+]
