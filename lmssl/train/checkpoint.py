@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmssl.errors import UserError
@@ -122,10 +123,11 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         else:
             os.replace(tmp, final)
         _fsync(root)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap failed writes
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint step {step} to {root}: {e.strerror or e}; free disk space "
-                        "and resume: earlier checkpoints are intact") from None
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"could not write checkpoint step {step} to {root} ({reason}); free disk space and run "
+                        "the same command again: earlier checkpoints are intact") from None
     atomic_write_text(root / "latest", name + "\n")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old.path, ignore_errors=True)
