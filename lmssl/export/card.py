@@ -1,0 +1,123 @@
+"""The model card (``README.md``): Hub metadata in YAML front matter, then what the model
+is, how to load it, how it was trained (recipe, data, steps, tokens, metrics, loss curve)
+and how the export was checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmssl.config import RunConfig
+
+BUNDLED_DATASET = "kjv-bible"  # the bundled King James Version corpus (lmssl/data/corpus)
+OBJECTIVE_NAMES = {"clm": "causal language modelling (next-token prediction, GPT-style)",
+                   "mlm": "masked language modelling (BERT-style)",
+                   "cpc": "contrastive predictive coding"}
+AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM", "backbone": "AutoModel"}
+
+
+@dataclass
+class CardFacts:
+    """Everything the card states, gathered by the exporter."""
+
+    cfg: RunConfig
+    run_dir: str
+    step: int
+    tokens_seen: int
+    metrics: dict[str, float]
+    n_params: int
+    license: str
+    architecture: str  # transformers class name, or "lmssl TextBackbone" for an lmssl-format export
+    kind: str  # causal-lm | masked-lm | backbone | native
+    pipeline_tag: str | None
+    checks: dict[str, float]  # name -> max |difference| found by the verification
+    loss_curve: str | None  # file name inside the folder
+    notes: list[str] = field(default_factory=list)
+    load_snippet: str = ""  # replaces the transformers snippet (lmssl-format exports)
+
+
+def datasets_of(cfg: RunConfig) -> tuple[list[str], str]:
+    """(Hub metadata ``datasets`` list, one-line human description) of the pretraining data."""
+    d = cfg.data
+    if d.train_files:
+        files = ", ".join(Path(f).name for f in d.train_files[:5]) + (" ..." if len(d.train_files) > 5 else "")
+        return [], f"local files: {files}"
+    if d.dataset:
+        desc = d.dataset + (f" ({d.dataset_config})" if d.dataset_config else "") + f", split {d.train_split}"
+        return [d.dataset], desc
+    return [BUNDLED_DATASET], "the King James Version of the Bible bundled with lmssl (public domain)"
+
+
+def front_matter(facts: CardFacts) -> str:
+    from huggingface_hub import ModelCardData
+
+    cfg = facts.cfg
+    datasets, _ = datasets_of(cfg)
+    data = ModelCardData(library_name="transformers" if facts.kind != "native" else "lmssl",
+                         license=facts.license, datasets=datasets or None,
+                         tags=["lmssl", cfg.objective, cfg.model.family], pipeline_tag=facts.pipeline_tag)
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _usage(facts: CardFacts, name: str) -> str:
+    if facts.load_snippet:
+        return facts.load_snippet
+    auto = AUTO_CLASSES[facts.kind]
+    lines = [f"from transformers import {auto}, AutoTokenizer", "",
+             f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+             f'model = {auto}.from_pretrained("{name}")']
+    if facts.kind == "causal-lm":
+        lines += ['ids = tokenizer("And God said", return_tensors="pt")["input_ids"]',
+                  "out = model.generate(ids, max_new_tokens=40, do_sample=True, top_k=50)",
+                  "print(tokenizer.decode(out[0]))"]
+    elif facts.kind == "masked-lm":
+        lines += ["", "from transformers import pipeline", "",
+                  f'fill = pipeline("fill-mask", model="{name}")',
+                  'print(fill("And God said, Let there be {}.".format(fill.tokenizer.mask_token)))']
+    else:
+        lines += ['hidden = model(**tokenizer("And God said", return_tensors="pt")).last_hidden_state']
+    return "```python\n" + "\n".join(lines) + "\n```"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render(facts: CardFacts, name: str) -> str:
+    """The full README.md text; ``name`` is what users pass to ``from_pretrained``."""
+    cfg, m = facts.cfg, facts.cfg.model
+    _, data_desc = datasets_of(cfg)
+    out = [front_matter(facts), f"# {name}", ""]
+    out.append(f"A {facts.n_params / 1e6:.2f}M-parameter {m.family} model ({m.n_layers} layers, width {m.dim}, "
+               f"{m.n_heads} heads) pretrained with lmssl by "
+               f"{OBJECTIVE_NAMES.get(cfg.objective, cfg.objective)}. Exported as `{facts.architecture}`.")
+    out += ["", "## How to use", "", _usage(facts, name), ""]
+    if facts.notes:
+        out += ["Notes:", ""] + [f"- {n}" for n in facts.notes] + [""]
+    out += ["## Training", "",
+            f"- objective: `{cfg.objective}`",
+            f"- data: {data_desc}",
+            f"- tokenizer: `{cfg.data.tokenizer}` ({m.vocab_size} tokens), sequences of {cfg.data.block_size} tokens",
+            f"- optimizer steps: {facts.step:,} ({cfg.train.micro_batch_size * cfg.train.grad_accum} sequences per "
+            "step on each process)",
+            f"- tokens seen: {facts.tokens_seen:,}",
+            f"- run directory: `{facts.run_dir}`", ""]
+    if facts.metrics:
+        out += ["Final metrics:", "", "| metric | value |", "|---|---|"]
+        out += [f"| {k} | {_fmt(v)} |" for k, v in facts.metrics.items()]
+        out.append("")
+    if facts.loss_curve:
+        out += [f"![loss curve]({facts.loss_curve})", ""]
+    out += ["## Recipe", "", "The complete run configuration (reproduce with `lmssl pretrain recipe.yaml`):", "",
+            "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    if facts.checks:
+        out += ["## Export check", "",
+                "The lmssl model and this folder, reloaded, were run on the same batch in float32:", ""]
+        out += [f"- {k}: max |difference| = {v:.3g}" for k, v in facts.checks.items()]
+        out.append("")
+    return "\n".join(out)

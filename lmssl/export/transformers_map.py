@@ -1,0 +1,369 @@
+"""lmssl weights -> stock ``transformers`` models, one exact twin per architecture family.
+
+A *converter* turns a trained objective (an ``nn.Module`` with ``.backbone`` and usually
+``.head``) into a :class:`Converted`: the ``transformers`` class, its config and a state
+dict whose names and shapes that class expects. Converters are registered per
+``(objective, family)``::
+
+    clm + gpt2   -> GPT2LMHeadModel   (AutoModelForCausalLM)
+    clm + llama  -> LlamaForCausalLM  (AutoModelForCausalLM)
+    mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
+
+Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
+LlamaModel, BertModel). An objective whose useful product is the backbone alone (CPC)
+registers with :func:`backbone_converter`, which maps ``.backbone`` of any family onto the
+bare ``transformers`` model::
+
+    register("cpc", "llama", head=False)(backbone_converter)
+
+Before mapping, :func:`check_family` compares every architecture field of the run's
+``ModelConfig`` with what the ``transformers`` class computes; a run whose family was
+overridden into something the class cannot express (a GPT-2 with RMSNorm, say) has no
+exact twin and is refused with one line naming the field.
+
+Weight layouts (lmssl -> transformers):
+
+- the embedding table is padded to ``pad_vocab_multiple`` rows in lmssl; only the
+  tokenizer's ``vocab_size`` rows (and head-bias entries) are exported;
+- lmssl's fused ``attn.qkv`` holds queries for ``n_heads`` heads, then keys and values for
+  ``n_kv_heads`` heads: GPT-2 keeps it fused (``c_attn``), Llama and BERT split it;
+- GPT-2 uses ``Conv1D`` layers, which store weights as ``(in, out)``: transposed;
+- a gated ``mlp.fc1`` outputs ``[gate, up]`` concatenated: Llama's ``gate_proj``/``up_proj``;
+- RoPE uses the same half-split layout in both, so q/k weights need no permutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lmssl.config import ModelConfig, RunConfig
+from lmssl.errors import UserError
+
+
+@dataclass
+class Converted:
+    """A ``transformers`` model ready to build: ``model_class(config)`` then ``load_state_dict(state_dict)``."""
+
+    model_class: type  # e.g. transformers.GPT2LMHeadModel
+    config: object  # its PretrainedConfig (architectures, token ids and vocabulary filled in)
+    state_dict: dict[str, torch.Tensor]  # complete: tied weights appear under both names
+    kind: str  # "causal-lm" | "masked-lm" | "backbone": what the verification compares
+    pipeline_tag: str | None  # Hub pipeline of the folder: text-generation | fill-mask | feature-extraction
+    notes: list[str] = field(default_factory=list)  # lines for the model card (what differs, what is fresh)
+    fresh: tuple[str, ...] = ()  # name prefixes the transformers class adds and lmssl has no weights for
+    # lmssl's hidden states ``(ids, mask) -> (B, T, dim)`` that AutoModel must reproduce;
+    # None: ``objective.backbone`` with the attention direction of ``kind``
+    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+Converter = Callable[[nn.Module, RunConfig, object], Converted]
+REGISTRY: dict[tuple[str, str], tuple[Converter, bool]] = {}  # (objective, family) -> (converter, maps a head)
+FAMILIES = ("gpt2", "llama", "bert", "custom")
+
+
+def register(objective: str, family: str, head: bool = True) -> Callable[[Converter], Converter]:
+    """Decorator: ``converter(objective_module, cfg, tokenizer) -> Converted`` for runs of
+    ``objective`` whose ``model.family`` is ``family``. ``head=False``: the converter maps
+    the backbone only, so the head fields of the config are not checked."""
+
+    def deco(fn: Converter) -> Converter:
+        REGISTRY[(objective, family)] = (fn, head)
+        return fn
+
+    return deco
+
+
+class NoExactTwin(UserError):
+    """No converter exists for this objective and family (the caller exports lmssl weights instead)."""
+
+
+class FamilyMismatch(UserError):
+    """The run names a family but its config deviates from what that transformers class computes."""
+
+
+def find_converter(cfg: RunConfig) -> Converter:
+    """The converter for this run, after checking its config matches the family exactly.
+
+    Raises :class:`UserError` for an unknown family, :class:`NoExactTwin` when the family
+    is ``custom`` or the objective has no mapping for it, and :class:`FamilyMismatch`
+    naming the first field that deviates from the family."""
+    family, objective = cfg.model.family, cfg.objective
+    if family not in FAMILIES:
+        raise UserError(f"unknown architecture family model.family='{family}' in this run; lmssl exports "
+                        f"{', '.join(FAMILIES[:-1])} to transformers and 'custom' as lmssl weights")
+    key = (objective, family)
+    if key not in REGISTRY:
+        pairs = ", ".join(f"{o}+{f}" for o, f in sorted(REGISTRY))
+        raise NoExactTwin(f"no exact transformers equivalent for objective '{objective}' with family '{family}' "
+                          f"(exact twins: {pairs})")
+    converter, head = REGISTRY[key]
+    problems = check_family(cfg.model, head)
+    if problems:
+        raise FamilyMismatch(f"no exact transformers equivalent for this '{family}' run: {problems[0]}"
+                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return converter
+
+
+# ----------------------------------------------------------------------------- family checks
+
+# Activations each transformers family can express, by lmssl name -> its ACT2FN name.
+_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"}
+_ACT_LLAMA = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
+
+# Field values the transformers class hard-codes, per family (backbone, then LM head).
+# Fields not listed map onto a config value (sizes, eps, activation, dropout, rope_theta,
+# mlp_hidden, tie_embeddings; Llama's bias; BERT's type_vocab_size and head bias).
+_FIXED: dict[str, dict[str, object]] = {
+    "gpt2": dict(norm="layernorm", norm_position="pre", gated_mlp=False, positions="learned", bias=True,
+                 type_vocab_size=0, embedding_norm=False, causal=True),
+    "llama": dict(norm="rmsnorm", norm_position="pre", gated_mlp=True, positions="rope", type_vocab_size=0,
+                  embedding_norm=False, causal=True),
+    "bert": dict(norm="layernorm", norm_position="post", gated_mlp=False, positions="learned", bias=True,
+                 embedding_norm=True, causal=False),
+}
+_FIXED_HEAD: dict[str, dict[str, object]] = {
+    "gpt2": dict(head_transform=False, head_bias=False),
+    "llama": dict(head_transform=False, head_bias=False),
+    "bert": dict(head_transform=True),
+}
+
+
+def check_family(m: ModelConfig, head: bool = True) -> list[str]:
+    """Every way ``m`` differs from what its family's transformers class computes (empty: exact).
+    ``head=False`` checks the backbone fields only."""
+    if m.family not in _FIXED:
+        return [f"model.family='{m.family}' has no transformers class"]
+    fixed = {**_FIXED[m.family], **(_FIXED_HEAD[m.family] if head else {})}
+    problems = [f"model.{k}={getattr(m, k)!r} but {m.family} needs {v!r}"
+                for k, v in fixed.items() if getattr(m, k) != v]
+    if m.family in ("gpt2", "bert") and m.n_kv_heads not in (0, m.n_heads):
+        problems.append(f"model.n_kv_heads={m.n_kv_heads} (grouped-query attention) but {m.family} has one "
+                        "key/value head per query head")
+    if m.dim % m.n_heads:
+        problems.append(f"model.dim={m.dim} is not a multiple of model.n_heads={m.n_heads}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _token_ids(tokenizer) -> dict[str, int | None]:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return dict(bos_token_id=bos, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+
+
+def _split_qkv(w: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``(nh + 2 nkv) * hs`` rows (or entries, for a bias) -> q, k, v."""
+    hs = m.dim // m.n_heads
+    nkv = m.n_kv_heads or m.n_heads
+    return w.split([m.n_heads * hs, nkv * hs, nkv * hs], dim=0)
+
+
+def _head_weight(s: dict[str, torch.Tensor], m: ModelConfig, head_prefix: str = "head.") -> torch.Tensor:
+    """The vocabulary projection ``(vocab, dim)``: the embedding when tied."""
+    w = s["backbone.tokens.weight"] if m.tie_embeddings else s[head_prefix + "weight"]
+    return w[: m.vocab_size]
+
+
+def _mlp_hidden(m: ModelConfig) -> int:
+    from lmssl.models.transformer import mlp_hidden
+
+    return mlp_hidden(m)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def gpt2_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbone.", dst: str = "") -> dict[str, torch.Tensor]:
+    """lmssl TextBackbone (GPT-2 family) -> GPT2Model names under ``dst``; Conv1D weights are ``(in, out)``."""
+    out = {f"{dst}wte.weight": s[f"{src}tokens.weight"][: m.vocab_size],
+           f"{dst}wpe.weight": s[f"{src}positions.weight"],
+           f"{dst}ln_f.weight": s[f"{src}core.norm.weight"],
+           f"{dst}ln_f.bias": s[f"{src}core.norm.bias"]}
+    for i in range(m.n_layers):
+        b, h = f"{src}core.blocks.{i}.", f"{dst}h.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[h + theirs + ".weight"] = s[b + ours + ".weight"]
+            out[h + theirs + ".bias"] = s[b + ours + ".bias"]
+        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            out[h + theirs + ".weight"] = s[b + ours + ".weight"].t().contiguous()
+            out[h + theirs + ".bias"] = s[b + ours + ".bias"]
+    return out
+
+
+def llama_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbone.", dst: str = "") -> dict[str, torch.Tensor]:
+    """lmssl TextBackbone (Llama family) -> LlamaModel names under ``dst``: split qkv and [gate, up]."""
+    hidden = _mlp_hidden(m)
+    out = {f"{dst}embed_tokens.weight": s[f"{src}tokens.weight"][: m.vocab_size],
+           f"{dst}norm.weight": s[f"{src}core.norm.weight"]}
+    for i in range(m.n_layers):
+        b, h = f"{src}core.blocks.{i}.", f"{dst}layers.{i}."
+        out[h + "input_layernorm.weight"] = s[b + "norm1.weight"]
+        out[h + "post_attention_layernorm.weight"] = s[b + "norm2.weight"]
+        for part in ("weight", "bias") if m.bias else ("weight",):
+            q, k, v = _split_qkv(s[f"{b}attn.qkv.{part}"], m)
+            out[f"{h}self_attn.q_proj.{part}"], out[f"{h}self_attn.k_proj.{part}"] = q, k
+            out[f"{h}self_attn.v_proj.{part}"] = v
+            out[f"{h}self_attn.o_proj.{part}"] = s[f"{b}attn.proj.{part}"]
+            gate, up = s[f"{b}mlp.fc1.{part}"].split([hidden, hidden], dim=0)
+            out[f"{h}mlp.gate_proj.{part}"], out[f"{h}mlp.up_proj.{part}"] = gate, up
+            out[f"{h}mlp.down_proj.{part}"] = s[f"{b}mlp.fc2.{part}"]
+    return out
+
+
+def bert_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbone.", dst: str = "") -> dict[str, torch.Tensor]:
+    """lmssl TextBackbone (BERT family, post-norm) -> BertModel names under ``dst`` (no pooler).
+
+    A run without token-type embeddings gets one all-zero type row: BERT always adds one."""
+    e = f"{dst}embeddings."
+    types = s.get(f"{src}token_types.weight", torch.zeros(1, m.dim))
+    out = {e + "word_embeddings.weight": s[f"{src}tokens.weight"][: m.vocab_size],
+           e + "position_embeddings.weight": s[f"{src}positions.weight"],
+           e + "token_type_embeddings.weight": types,
+           e + "LayerNorm.weight": s[f"{src}embed_norm.weight"],
+           e + "LayerNorm.bias": s[f"{src}embed_norm.bias"]}
+    for i in range(m.n_layers):
+        b, h = f"{src}core.blocks.{i}.", f"{dst}encoder.layer.{i}."
+        for part in ("weight", "bias"):
+            q, k, v = _split_qkv(s[f"{b}attn.qkv.{part}"], m)
+            out[f"{h}attention.self.query.{part}"], out[f"{h}attention.self.key.{part}"] = q, k
+            out[f"{h}attention.self.value.{part}"] = v
+            out[f"{h}attention.output.dense.{part}"] = s[f"{b}attn.proj.{part}"]
+            out[f"{h}attention.output.LayerNorm.{part}"] = s[f"{b}norm1.{part}"]
+            out[f"{h}intermediate.dense.{part}"] = s[f"{b}mlp.fc1.{part}"]
+            out[f"{h}output.dense.{part}"] = s[f"{b}mlp.fc2.{part}"]
+            out[f"{h}output.LayerNorm.{part}"] = s[f"{b}norm2.{part}"]
+    return out
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def gpt2_config(m: ModelConfig, tokenizer, architecture: str):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=m.vocab_size, n_positions=m.max_positions, n_embd=m.dim, n_layer=m.n_layers,
+                      n_head=m.n_heads, n_inner=_mlp_hidden(m), activation_function=_ACT[m.activation],
+                      resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+                      layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std, scale_attn_weights=True,
+                      tie_word_embeddings=m.tie_embeddings, architectures=[architecture], **_token_ids(tokenizer))
+
+
+def llama_config(m: ModelConfig, tokenizer, architecture: str):
+    from transformers import LlamaConfig
+
+    # Llama has no residual or embedding dropout: cfg.model.dropout maps to attention dropout only.
+    return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=_mlp_hidden(m),
+                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                       num_key_value_heads=m.n_kv_heads or m.n_heads, head_dim=m.dim // m.n_heads,
+                       hidden_act=_ACT_LLAMA[m.activation], max_position_embeddings=m.max_positions,
+                       rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, attention_bias=m.bias, mlp_bias=m.bias,
+                       attention_dropout=m.dropout, initializer_range=m.init_std,
+                       tie_word_embeddings=m.tie_embeddings, architectures=[architecture], **_token_ids(tokenizer))
+
+
+def bert_config(m: ModelConfig, tokenizer, architecture: str):
+    from transformers import BertConfig
+
+    ids = _token_ids(tokenizer)
+    return BertConfig(vocab_size=m.vocab_size, hidden_size=m.dim, num_hidden_layers=m.n_layers,
+                      num_attention_heads=m.n_heads, intermediate_size=_mlp_hidden(m), hidden_act=_ACT[m.activation],
+                      hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout,
+                      max_position_embeddings=m.max_positions, type_vocab_size=max(1, m.type_vocab_size),
+                      layer_norm_eps=m.norm_eps, initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
+                      position_embedding_type="absolute",  # read by transformers 4.x; 5.x has only absolute
+                      architectures=[architecture], pad_token_id=ids["pad_token_id"])
+
+
+# (backbone mapping, config builder, bare transformers class name) per family
+BACKBONES = {
+    "gpt2": (gpt2_backbone, gpt2_config, "GPT2Model"),
+    "llama": (llama_backbone, llama_config, "LlamaModel"),
+    "bert": (bert_backbone, bert_config, "BertModel"),
+}
+
+
+# ----------------------------------------------------------------------------- converters
+
+
+@register("clm", "gpt2")
+def gpt2_lm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    import transformers
+
+    m = cfg.model
+    s = _state(objective)
+    sd = gpt2_backbone(s, m, dst="transformer.")
+    sd["lm_head.weight"] = _head_weight(s, m)
+    return Converted(transformers.GPT2LMHeadModel, gpt2_config(m, tokenizer, "GPT2LMHeadModel"), sd,
+                     "causal-lm", "text-generation")
+
+
+@register("clm", "llama")
+def llama_lm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    import transformers
+
+    m = cfg.model
+    s = _state(objective)
+    sd = llama_backbone(s, m, dst="model.")
+    sd["lm_head.weight"] = _head_weight(s, m)
+    return Converted(transformers.LlamaForCausalLM, llama_config(m, tokenizer, "LlamaForCausalLM"), sd,
+                     "causal-lm", "text-generation")
+
+
+@register("mlm", "bert")
+def bert_mlm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    import transformers
+
+    m = cfg.model
+    s = _state(objective)
+    sd = bert_backbone(s, m, dst="bert.")
+    p = "cls.predictions."
+    sd[p + "transform.dense.weight"], sd[p + "transform.dense.bias"] = s["head.dense.weight"], s["head.dense.bias"]
+    sd[p + "transform.LayerNorm.weight"], sd[p + "transform.LayerNorm.bias"] = s["head.norm.weight"], s["head.norm.bias"]
+    sd[p + "decoder.weight"] = _head_weight(s, m)
+    bias = s["head.bias"][: m.vocab_size] if m.head_bias else torch.zeros(m.vocab_size)
+    sd[p + "bias"] = sd[p + "decoder.bias"] = bias
+    notes = [] if m.head_bias else ["the vocabulary bias is zero (the lmssl head had none)"]
+    notes.append("`AutoModel` loads the bare `BertModel`; its pooler was not pretrained (lmssl has no NSP) "
+                 "and is freshly initialised: use `last_hidden_state`")
+    return Converted(transformers.BertForMaskedLM, bert_config(m, tokenizer, "BertForMaskedLM"), sd,
+                     "masked-lm", "fill-mask", notes)
+
+
+def backbone_converter(objective: nn.Module, cfg: RunConfig, tokenizer, module: nn.Module | None = None,
+                       model_cfg: ModelConfig | None = None) -> Converted:
+    """The bare backbone of any family with a twin (GPT2Model / LlamaModel / BertModel), for
+    objectives whose heads have no transformers counterpart. Register it per family, e.g.
+    ``register("cpc", "gpt2", head=False)(backbone_converter)``; the verification compares
+    hidden states. ``module``/``model_cfg`` name another TextBackbone than
+    ``objective.backbone`` / ``cfg.model`` (e.g. a CPC encoder and its config)::
+
+        register("cpc", "bert", head=False)(
+            lambda obj, cfg, tok: backbone_converter(obj, cfg, tok, obj.encoder, obj.encoder_cfg))
+    """
+    import transformers
+
+    m = model_cfg if model_cfg is not None else cfg.model
+    module = module if module is not None else objective.backbone
+    problems = check_family(m, head=False)
+    if problems:
+        raise FamilyMismatch(f"no exact transformers equivalent for this backbone: {problems[0]}")
+    mapping, make_config, class_name = BACKBONES[m.family]
+    sd = mapping(_state(module), m, src="")
+    notes, fresh = [], ()
+    if class_name == "BertModel":
+        notes.append("the pooler was not pretrained and is freshly initialised: use `last_hidden_state`")
+        fresh = ("pooler.",)
+    return Converted(getattr(transformers, class_name), make_config(m, tokenizer, class_name), sd, "backbone",
+                     "feature-extraction", notes, fresh,
+                     reference=lambda ids, mask: module(ids, mask, is_causal=m.causal))
