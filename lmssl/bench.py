@@ -1,0 +1,614 @@
+"""``lmssl bench``: lmssl's training throughput against the ``transformers`` model of the same shape.
+
+Both models live in one process and get the same shape and parameter count, the same
+AdamW settings (:func:`lmssl.train.optim.make_optimizer`), the same batch, the same
+precision and SDPA attention (causal through ``is_causal`` for decoders). After warm-up,
+full training steps (forward, backward, optimizer step, ``zero_grad``) are timed in
+rounds that alternate which side goes first (lmssl, reference | reference, lmssl | ...),
+so load from other processes on a shared machine falls on both sides alike. The figure
+that matters is the per-round throughput ratio lmssl / reference: its median, min and max.
+
+Reported per side: tokens/s, achieved TFLOP/s and MFU (both sides use the lmssl
+objective's FLOPs per token, so their ratio is the throughput ratio), peak memory, and
+the warm-up time (which includes compilation with ``--compile``). Also the data path:
+fast-tokenizer throughput on the bundled corpus and the packing + collation time per
+batch, each as a fraction of one lmssl training step.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the warm-up steps, minus
+what was allocated before the model was built. On Linux CPUs the growth of the resident
+set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with freed heap
+returned to the system by ``malloc_trim`` first) from before the model was built to the
+peak of the warm-up steps; it counts every page the process touched, so it is an
+estimate. Elsewhere it is reported as n/a.
+
+Usage::
+
+    lmssl bench gpt --size tiny                       # CPU defaults: batch 8 x 256 tokens
+    lmssl bench llama --size small --device cuda --precision bf16 --json llama.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lmssl.errors import UserError
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- what is compared
+
+
+@dataclass(frozen=True)
+class Size:
+    """One benchmark size of a family: an lmssl preset and the workload run on it."""
+
+    preset: str  # lmssl model preset (lmssl.models.presets)
+    vocab: int  # vocabulary size given to both models
+    seq_len: int  # default tokens per sequence
+    batch_cpu: int  # default sequences per step on a CPU
+    batch_cuda: int  # default sequences per step on a GPU
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its sizes, how each side is built, and what one batch is."""
+
+    sizes: dict[str, Size]
+    build_lmssl: Callable[[Any], tuple[nn.Module, LossFn]]  # RunConfig -> (module, loss of a batch)
+    build_reference: Callable[[Any], tuple[nn.Module, LossFn]]  # RunConfig -> (transformers model, loss)
+    make_batch: Callable[[Any, int, torch.Generator], Batch]  # (RunConfig, batch size, generator) -> CPU batch
+    unit: str = "tokens"  # what throughput counts: tokens or images
+
+
+def _gpt_sizes() -> dict[str, Size]:
+    # tiny: the shipped tokenizer's 8192 tokens; small: GPT-2's own 50257 (not a multiple of 64)
+    small = Size("gpt2", 50257, 1024, 1, 16)
+    return {"tiny": Size("gpt_tiny", 8192, 256, 8, 64), "small": small, "base": small}
+
+
+def _llama_sizes() -> dict[str, Size]:
+    small = Size("llama_small", 32000, 1024, 1, 16)  # Llama-2's 32000-token vocabulary
+    return {"tiny": Size("llama_tiny", 8192, 256, 8, 64), "small": small, "base": small}
+
+
+def _bert_sizes() -> dict[str, Size]:
+    base = Size("bert_base", 30522, 512, 2, 32)  # bert-base-uncased's 30522-token vocabulary
+    return {"tiny": Size("bert_tiny", 8192, 256, 8, 64), "small": base, "base": base}
+
+
+# --- lmssl side
+
+
+def _lmssl_causal(cfg) -> tuple[nn.Module, LossFn]:
+    from lmssl.objectives.causal_lm import CausalLM
+
+    model = CausalLM(cfg.model)
+    return model, model
+
+
+def _lmssl_masked(cfg) -> tuple[nn.Module, LossFn]:
+    try:
+        from lmssl.objectives.mlm import MaskedLM
+    except ImportError:
+        raise UserError("bert: lmssl's masked-LM objective (lmssl.objectives.mlm) is not available yet; "
+                        "benchmark gpt or llama for now") from None
+    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.objectives.mlm import MaskingSpec
+
+    # the shipped tokenizer's masking facts, so that prepare_batch can run in the data-path timing;
+    # the timed batches are masked up front (see _masked_batch) and carry labels
+    spec = MaskingSpec.from_tokenizer(load_tokenizer("default"), cfg.mlm.masking)
+    model = MaskedLM(cfg.model, cfg.mlm, spec)
+    return model, model
+
+
+# --- transformers side
+
+
+def _reference_gpt2(cfg) -> tuple[nn.Module, LossFn]:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from lmssl.models.transformer import mlp_hidden
+
+    m = cfg.model
+    config = GPT2Config(vocab_size=m.vocab_size, n_positions=m.max_positions, n_embd=m.dim, n_layer=m.n_layers,
+                        n_head=m.n_heads, n_inner=mlp_hidden(m), activation_function="gelu_new",
+                        resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+                        layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std,
+                        tie_word_embeddings=m.tie_embeddings, use_cache=False, bos_token_id=None,
+                        eos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model, lambda b: model(input_ids=b["input_ids"], labels=b["input_ids"]).loss
+
+
+def _reference_llama(cfg) -> tuple[nn.Module, LossFn]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lmssl.models.transformer import mlp_hidden
+
+    m = cfg.model
+    config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=mlp_hidden(m),
+                         num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                         num_key_value_heads=m.n_kv_heads or m.n_heads, hidden_act="silu",
+                         max_position_embeddings=m.max_positions, rms_norm_eps=m.norm_eps,
+                         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+                         attention_bias=m.bias, mlp_bias=m.bias, attention_dropout=m.dropout,
+                         initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings, use_cache=False,
+                         bos_token_id=None, eos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model, lambda b: model(input_ids=b["input_ids"], labels=b["input_ids"]).loss
+
+
+def _reference_bert(cfg) -> tuple[nn.Module, LossFn]:
+    from transformers import AutoModelForMaskedLM, BertConfig
+
+    from lmssl.models.transformer import mlp_hidden
+
+    m = cfg.model
+    config = BertConfig(vocab_size=m.vocab_size, hidden_size=m.dim, num_hidden_layers=m.n_layers,
+                        num_attention_heads=m.n_heads, intermediate_size=mlp_hidden(m), hidden_act="gelu",
+                        hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout,
+                        max_position_embeddings=m.max_positions, type_vocab_size=m.type_vocab_size,
+                        layer_norm_eps=m.norm_eps, initializer_range=m.init_std,
+                        tie_word_embeddings=m.tie_embeddings)
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"]).loss
+
+
+# --- batches (tokenizer-free: random ids; the data path is timed separately)
+
+
+MASK_ID = 3  # the shipped tokenizer's <mask>; ids 0..5 are its special tokens
+SPECIAL_IDS = tuple(range(6))
+
+
+def _causal_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
+    ids = torch.randint(len(SPECIAL_IDS), cfg.model.vocab_size, (batch_size, cfg.data.block_size), generator=g)
+    return {"input_ids": ids}
+
+
+def _masked_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
+    """15% of positions chosen (BERT's 80/10/10 corruption), labels -100 elsewhere."""
+    from lmssl.masking import bernoulli_token_mask, mlm_corrupt
+
+    ids = _causal_batch(cfg, batch_size, g)["input_ids"]
+    chosen = bernoulli_token_mask(ids, cfg.mlm.mask_rate, g, SPECIAL_IDS)
+    corrupted, labels = mlm_corrupt(ids, chosen, g, mask_token_id=MASK_ID, vocab_size=cfg.model.vocab_size,
+                                    special_ids=SPECIAL_IDS)
+    return {"input_ids": corrupted, "labels": labels}
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt": Family(_gpt_sizes(), _lmssl_causal, _reference_gpt2, _causal_batch),
+    "llama": Family(_llama_sizes(), _lmssl_causal, _reference_llama, _causal_batch),
+    "bert": Family(_bert_sizes(), _lmssl_masked, _reference_bert, _masked_batch),
+}
+NOT_YET = {"mae": "mae: vision (patch embeddings, MAE and ViTMAEForPreTraining as the reference) is not implemented "
+                  "in lmssl yet; benchmark gpt, llama or bert for now"}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Side:
+    """One contender: a model, its loss on a batch, its optimizer and what was measured."""
+
+    name: str
+    model: nn.Module
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    params: int
+    round_s: list[float] = field(default_factory=list)  # wall-clock seconds per timed round
+    round_cpu_s: list[float] = field(default_factory=list)  # process CPU seconds per timed round (all threads)
+    warmup_s: float = 0.0
+    peak_mem: int | None = None
+    attention: str = ""
+    final_loss: float = float("nan")
+
+
+def train_step(side: Side, batch: Batch, autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """One full optimizer step: forward, backward, AdamW step, ``zero_grad(set_to_none=True)``."""
+    with autocast():
+        loss = side.loss_fn(batch)
+    loss.backward()
+    side.optimizer.step()
+    side.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(side: Side, batch: Batch, steps: int, device: torch.device, autocast) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of ``steps`` training steps, the device drained
+    before and after."""
+    _sync(device)
+    cpu, t = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(side, batch, autocast)
+    _sync(device)
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
+    side.final_loss = float(loss)
+    return elapsed, cpu
+
+
+class MemoryProbe:
+    """Peak memory of what happens inside ``with probe:``, over what was in use before.
+
+    CUDA: the allocator's peak. Linux CPU: the resident-set high-water mark, reset on
+    entry (after freed heap is handed back to the system). Otherwise ``bytes`` is None.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes: int | None = None
+        self.source = "n/a"
+        self._base = 0
+
+    def __enter__(self) -> "MemoryProbe":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.source = "torch.cuda.max_memory_allocated"
+        elif _proc_status() is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                self._base = _proc_status()["VmRSS"]
+                self.source = "CPU resident-set growth (VmHWM - VmRSS before; estimate)"
+            except OSError:
+                self.source = "n/a"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self.source != "n/a":
+            self.bytes = max(0, _proc_status()["VmHWM"] - self._base)
+
+
+def _proc_status() -> dict[str, int] | None:
+    """``VmRSS`` and ``VmHWM`` of this process in bytes (Linux), else None."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    out = {}
+    for key in ("VmRSS", "VmHWM"):
+        m = re.search(rf"^{key}:\s+(\d+)\s*kB", text, re.MULTILINE)
+        if m is None:
+            return None
+        out[key] = int(m.group(1)) * 1024
+    return out
+
+
+@contextlib.contextmanager
+def record_sdpa(calls: list[dict]):
+    """Record the arguments of every ``scaled_dot_product_attention`` call inside the block."""
+    fn = torch.nn.functional.scaled_dot_product_attention
+
+    def wrapper(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        calls.append({"is_causal": bool(is_causal), "mask": attn_mask is not None, "gqa": bool(kw.get("enable_gqa")),
+                      "dtype": str(q.dtype).replace("torch.", "")})
+        return fn(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    torch.nn.functional.scaled_dot_product_attention = wrapper
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = fn
+
+
+def describe_attention(side: Side, batch: Batch, autocast) -> str:
+    """How the side's attention runs, e.g. ``SDPA x4 (is_causal, no mask)``; one forward pass."""
+    calls: list[dict] = []
+    with torch.no_grad(), autocast(), record_sdpa(calls):
+        side.loss_fn(batch)
+    if not calls:
+        return "no SDPA call (eager attention)"
+    kinds = sorted({(c["is_causal"], c["mask"], c["gqa"]) for c in calls})
+    parts = [("is_causal" if causal else "bidirectional") + (", mask" if mask else ", no mask") + (", gqa" if gqa else "")
+             for causal, mask, gqa in kinds]
+    return f"SDPA x{len(calls)} ({'; '.join(parts)})"
+
+
+# ----------------------------------------------------------------------------- data path
+
+
+def measure_data_path(cfg, batch_size: int, step_s: float, objective: nn.Module, batches: int = 50) -> dict[str, float]:
+    """Tokenizer throughput on the bundled validation text and packing + collation time per
+    batch (``PackedBlocks`` through ``micro_batch``, plus ``prepare_batch`` when the objective
+    has one), each also as a fraction of one training step of ``step_s`` seconds."""
+    import numpy as np
+
+    from lmssl.data.batches import TextData, micro_batch
+    from lmssl.data.text import BUNDLED, PackedBlocks, TokenFile, tokenize_batch
+    from lmssl.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("default")
+    lines = [ln for ln in Path(BUNDLED["validation"][0]).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    tokenize_batch(tokenizer, lines[:200], tokenizer.eos_token_id)  # warm-up
+    t = time.perf_counter()
+    rows: list[list[int]] = []
+    n_bytes = 0
+    for i in range(0, len(lines), 1000):  # the batch size tokenize_corpus uses
+        ids, b, _ = tokenize_batch(tokenizer, lines[i:i + 1000], tokenizer.eos_token_id)
+        rows += ids
+        n_bytes += b
+    tokenize_s = time.perf_counter() - t
+    n_tokens = sum(len(r) for r in rows)
+    tokens = np.concatenate([np.asarray(r, dtype=np.uint16) for r in rows])
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    tf = TokenFile(tokens, offsets, n_bytes, 0)
+
+    T = cfg.data.block_size
+    data = TextData(PackedBlocks(tf, T, packing=True, pad_id=tokenizer.pad_token_id), [], tf.bytes_per_token, n_tokens)
+    prepare = getattr(objective, "prepare_batch", None)
+    gen = torch.Generator().manual_seed(0)
+    cursor = 0
+    t = time.perf_counter()
+    for _ in range(batches):
+        batch, _ = micro_batch(data, cfg, cursor, 0, 0, 1)
+        if prepare is not None:
+            batch = prepare(batch, gen)
+        cursor += batch_size
+    collate_s = (time.perf_counter() - t) / batches
+    tokens_per_step = batch_size * T
+    tokenize_per_step = tokens_per_step * tokenize_s / n_tokens
+    return {
+        "tokenize_tokens_per_s": n_tokens / tokenize_s,
+        "tokenize_mb_per_s": n_bytes / tokenize_s / 1e6,
+        "collate_s_per_batch": collate_s,
+        "collate_fraction": collate_s / step_s,
+        "tokenize_fraction": tokenize_per_step / step_s,
+        "includes_prepare_batch": prepare is not None,
+    }
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", choices=sorted([*FAMILIES, *NOT_YET]), help="model family to compare")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"],
+                        help="tiny: the *_tiny presets (vocab 8192); small/base: gpt2 (vocab 50257), llama_small "
+                             "(32000), bert_base (30522)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds per side, alternating (default 8)")
+    parser.add_argument("--steps-per-round", type=int, default=2, help="training steps timed per round (default 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: per size and device)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: per size)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: autocast to bfloat16 with fp32 weights, as train.mixed_precision=bf16")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the lmssl objective, as train.compile=true (the reference stays eager); "
+                             "the compile time shows in the warm-up column")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 gives the steadiest CPU-time ratio")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+
+
+def _command_line(args: argparse.Namespace, batch: int, seq: int, device: str) -> str:
+    parts = ["lmssl bench", args.model, f"--size {args.size}", f"--device {device}", f"--rounds {args.rounds}",
+             f"--steps-per-round {args.steps_per_round}", f"--warmup {args.warmup}", f"--batch-size {batch}",
+             f"--seq-len {seq}", f"--precision {args.precision}"]
+    if args.threads:
+        parts.append(f"--threads {args.threads}")
+    if args.compile:
+        parts.append("--compile")
+    return " ".join(parts)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("rounds", "steps_per_round"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 1:
+        raise UserError(f"--warmup must be at least 1 (the first step allocates optimizer state), got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    for name in ("batch_size", "seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "batch_size" else 2):
+            raise UserError(f"--{name.replace('_', '-')} is too small: {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model in NOT_YET:
+        raise UserError(NOT_YET[args.model])
+    _check_args(args)
+    family = FAMILIES[args.model]
+    size = family.sizes[args.size]
+    device_str = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_str == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device; pass --device cpu")
+    device = torch.device(device_str)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # config notes about unused token ids and the default loss
+    batch_size = args.batch_size or (size.batch_cuda if device.type == "cuda" else size.batch_cpu)
+    seq = args.seq_len or size.seq_len
+
+    from lmssl.config import load_config
+    from lmssl.train.flops import device_peak_flops
+    from lmssl.train.optim import make_optimizer
+
+    max_pos = ["model.max_positions=" + str(seq)] if seq > _preset_positions(size.preset) else []
+    cfg = load_config(None, [f"model.preset={size.preset}", f"model.vocab_size={size.vocab}",
+                             f"data.block_size={seq}", f"train.micro_batch_size={batch_size}",
+                             *max_pos])
+    cfg.train.mixed_precision = "bf16" if args.precision == "bf16" else "no"
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None
+                else contextlib.nullcontext)
+    command = _command_line(args, batch_size, seq, device.type)
+    print(f"{command}\n  {size.preset}, vocab {size.vocab}, batch {batch_size} x {seq} {family.unit}, "
+          f"{args.precision}, {_device_name(device)}"
+          + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""), flush=True)
+
+    batch = {k: v.to(device) for k, v in family.make_batch(cfg, batch_size, torch.Generator().manual_seed(0)).items()}
+
+    # build and warm up each side inside a memory probe: weights, gradients, AdamW state, activations
+    sides: list[Side] = []
+    for name, builder in (("lmssl", family.build_lmssl), ("transformers", family.build_reference)):
+        with MemoryProbe(device) as probe:
+            torch.manual_seed(0)
+            model, loss_fn = builder(cfg)
+            model.to(device).train()
+            params = sum(p.numel() for p in model.parameters())
+            optimizer = make_optimizer(model, cfg.optim, device.type)
+            if name == "lmssl":
+                model_fn = torch.compile(model) if args.compile else model
+                loss_fn = (lambda f: lambda b: f(b)[0])(model_fn)
+            side = Side(name, model, loss_fn, optimizer, params)
+            side.attention = describe_attention(side, batch, autocast)
+            side.warmup_s = time_steps(side, batch, args.warmup, device, autocast)[0]
+        side.peak_mem = probe.bytes
+        mem_source = probe.source
+        sides.append(side)
+        print(f"  {name:<13} {params / 1e6:8.2f}M params, attention: {side.attention}, warm-up {side.warmup_s:.1f}s",
+              flush=True)
+
+    lm, ref = sides
+    for r in range(args.rounds):
+        for side in (lm, ref) if r % 2 == 0 else (ref, lm):
+            wall, cpu = time_steps(side, batch, args.steps_per_round, device, autocast)
+            side.round_s.append(wall)
+            side.round_cpu_s.append(cpu)
+
+    tokens_per_step = batch_size * seq
+    flops_per_token = objective_flops_per_token(lm.model, cfg, seq)
+    peak, peak_source = device_peak_flops(device)
+    ratios = [b / a for a, b in zip(lm.round_s, ref.round_s)]
+    cpu_ratios = [b / a for a, b in zip(lm.round_cpu_s, ref.round_cpu_s)]
+    step_s = statistics.median(lm.round_s) / args.steps_per_round
+    data = measure_data_path(cfg, batch_size, step_s, lm.model)
+
+    result: dict[str, Any] = {
+        "command": command, "model": args.model, "size": args.size, "preset": size.preset, "unit": family.unit,
+        "batch_size": batch_size, "seq_len": seq, "precision": args.precision, "compile": bool(args.compile),
+        "rounds": args.rounds, "steps_per_round": args.steps_per_round, "warmup": args.warmup,
+        "device": device.type, "device_name": _device_name(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "torch": torch.__version__, "transformers": _version("transformers"), "lmssl": _version("lmssl"),
+        "config": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
+        "flops_per_token": flops_per_token, "peak_flops": peak, "peak_source": peak_source,
+        "memory_source": mem_source,
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
+        # the same ratio from process CPU time: steadier than wall time on a loaded CPU (with one
+        # thread it ignores time spent descheduled); on a GPU it measures only the host side
+        "ratio_cpu_time": statistics.median(cpu_ratios), "ratio_cpu_time_min": min(cpu_ratios),
+        "ratio_cpu_time_max": max(cpu_ratios),
+        "data": data,
+    }
+    for side, key in ((lm, "lmssl"), (ref, "reference")):
+        per_s = tokens_per_step * args.steps_per_round / statistics.median(side.round_s)
+        result[key] = {
+            "name": side.name if key == "lmssl" else type(side.model).__name__,
+            "params": side.params, f"{family.unit}_per_s": per_s, "tflops": per_s * flops_per_token / 1e12,
+            "mfu": per_s * flops_per_token / peak if peak else None,
+            "step_s": statistics.median(side.round_s) / args.steps_per_round, "round_s": side.round_s,
+            "round_cpu_s": side.round_cpu_s,
+            "warmup_s": side.warmup_s, "peak_mem_bytes": side.peak_mem, "attention": side.attention,
+            "final_loss": side.final_loss,
+        }
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def objective_flops_per_token(objective: nn.Module, cfg, seq: int) -> float:
+    """The objective's own training FLOPs per token, or the generic transformer count."""
+    fpt = getattr(objective, "flops_per_token", None)
+    if callable(fpt):
+        return float(fpt(seq))
+    if fpt is not None:
+        return float(fpt)
+    from lmssl.train.flops import transformer_flops_per_token
+
+    return transformer_flops_per_token(cfg.model, objective.backbone.num_params(), seq)
+
+
+def _preset_positions(preset: str) -> int:
+    from lmssl.models.presets import PRESETS
+
+    return PRESETS[preset]["max_positions"]
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def format_table(r: dict[str, Any]) -> str:
+    unit = r["unit"]
+    head = f"  {'':<22} {'params':>9} {unit + '/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10} {'step':>8} {'warm-up':>8}"
+    lines = ["", head]
+    for key in ("lmssl", "reference"):
+        s = r[key]
+        mem = f"{s['peak_mem_bytes'] / 2**20:,.0f} MiB" if s["peak_mem_bytes"] is not None else "n/a"
+        mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"
+        lines.append(f"  {s['name']:<22} {s['params'] / 1e6:>8.2f}M {s[unit + '_per_s']:>11,.0f} "
+                     f"{s['tflops']:>9.4f} {mfu:>7} {mem:>10} {s['step_s'] * 1e3:>6.0f}ms {s['warmup_s']:>7.1f}s")
+    d = r["data"]
+    lines += [
+        "",
+        f"  lmssl / transformers throughput: {r['ratio']:.2f}x (median of {r['rounds']} rounds; "
+        f"min {r['ratio_min']:.2f}x, max {r['ratio_max']:.2f}x)"
+        + (f"; by CPU time {r['ratio_cpu_time']:.2f}x [{r['ratio_cpu_time_min']:.2f}, {r['ratio_cpu_time_max']:.2f}]"
+           if r["device"] == "cpu" else ""),
+        f"  FLOPs/token {r['flops_per_token'] / 1e6:,.1f}M (lmssl's count, both sides); peak "
+        f"{r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_source']}); memory: {r['memory_source']}",
+        *(["  (the reference computes the vocabulary projection at every position; its TFLOP/s and MFU use "
+           "lmssl's masked-only count, so they equal its throughput share, not its arithmetic)"]
+          if r["model"] == "bert" else []),
+        f"  data path: tokenizer {d['tokenize_tokens_per_s']:,.0f} tokens/s ({d['tokenize_mb_per_s']:.1f} MB/s) = "
+        f"{d['tokenize_fraction']:.2%} of a step if tokenized on the fly; packing + collation "
+        f"{d['collate_s_per_batch'] * 1e3:.2f} ms/batch = {d['collate_fraction']:.2%} of a step"
+        + (" (with prepare_batch)" if d["includes_prepare_batch"] else ""),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""`lmssl bench`: a two-round smoke run on a laptop-of-a-laptop workload (not a timing assertion)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmssl.cli import main
+
+
+def test_bench_gpt_tiny_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "gpt", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
+                 "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["ratio"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    assert len(r["ratios"]) == 2
+    for side in ("lmssl", "reference"):
+        assert r[side]["tokens_per_s"] > 0
+        # both sides start at ln(8192) = 9.01 and train on the same repeated batch: the loss must fall
+        assert r[side]["final_loss"] < 8.7
+    assert r["lmssl"]["final_loss"] == pytest.approx(r["reference"]["final_loss"], abs=1.0)
+    assert r["lmssl"]["params"] == r["reference"]["params"]  # same shape: 8192 needs no vocabulary padding
+    assert r["reference"]["name"] == "GPT2LMHeadModel"
+    assert "is_causal" in r["lmssl"]["attention"] and "is_causal" in r["reference"]["attention"]
+    assert r["device"] == "cpu" and r["torch"] and r["config"]["n_layers"] == 4
+    assert r["data"]["tokenize_tokens_per_s"] > 0 and r["data"]["collate_s_per_batch"] > 0
+    assert "lmssl / transformers throughput" in capsys.readouterr().out
+
+
+def test_bench_not_yet_and_bad_args(capsys):
+    assert main(["bench", "mae"]) == 2
+    assert "not implemented" in capsys.readouterr().err
+    assert main(["bench", "gpt", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
