@@ -94,12 +94,22 @@ def run_pretrain(args: argparse.Namespace) -> int:
 def print_summary(cfg, result: dict) -> None:
     lines = ["", f"== {cfg.objective} run {cfg.train.output_dir}: step {result['step']}, "
                  f"{result.get('tokens_seen', 0):,} tokens seen =="]
-    for key, label in (("eval_loss", "held-out loss"), ("eval_perplexity", "perplexity"),
-                       ("eval_bits_per_byte", "bits per byte"), ("eval_accuracy", "masked-token accuracy"),
-                       ("tokens_per_s", "tokens/s (last window)"), ("mfu", "MFU")):
-        if key in result:
-            value = result[key]
-            lines.append(f"  {label:<24} {value:.2%}" if key in ("mfu", "eval_accuracy") else f"  {label:<24} {value:,.4f}")
+    named = {"eval_loss": "held-out loss", "eval_perplexity": "perplexity", "eval_bits_per_byte": "bits per byte",
+             "eval_accuracy": "masked-token accuracy"}
+    # every held-out metric the objective reports (CPC adds one accuracy per offset), then speed
+    keys = list(named) + sorted(k for k in result if k.startswith("eval_") and k not in named)
+    for key in keys + ["tokens_per_s", "mfu"]:
+        if key not in result or not isinstance(result[key], (int, float)):
+            continue
+        value = result[key]
+        label = named.get(key) or {"tokens_per_s": "tokens/s (last window)", "mfu": "MFU"}.get(key) or \
+            "held-out " + key[len("eval_"):].replace("_", " ")
+        if key == "mfu" or "acc" in key:
+            lines.append(f"  {label:<24} {value:.2%}")
+        elif key == "tokens_per_s":
+            lines.append(f"  {label:<24} {value:,.0f}")
+        else:
+            lines.append(f"  {label:<24} {value:,.4f}")
     if result.get("report"):
         lines += ["", result["report"]]
     if result.get("loss_curve"):
