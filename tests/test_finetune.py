@@ -143,21 +143,24 @@ def test_recipe_and_metrics():
     assert set(FinetuneConfig().__dict__) >= {"model", "task", "from_scratch", "patience", "metric"}
 
 
+# The gpt_tiny shape (4 x 256, 5.3M parameters) at half its block size. Measured on 2 cores:
+# after 300 steps (held-out loss 4.79) fine-tuning on 300 passages reaches 46.8% / 42.1% / 47.0%
+# (seeds 0 / 1 / 2) against 35.2% / 27.7% / 34.6% from scratch (6 classes, chance 16.7%). The
+# 2-layer 64-wide model the other tests use does not transfer: at that size scratch wins.
+TRANSFER_MODEL = ["model.dim=256", "model.n_layers=4", "model.n_heads=4", "model.max_positions=128",
+                  "data.block_size=64", "train.micro_batch_size=16", "optim.lr=1e-3", "optim.warmup_steps=20",
+                  "train.log_every=50"]
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "measured on 2 shared CPU cores: after 150 pretraining steps the tiny GPT fine-tunes worse than random "
-    "initialisation (best accuracy 25.8% vs 42.3% with these settings; 34.0% vs 55.6% with 600 passages): "
-    "its embeddings grew 5x "
-    "and the last-token state GPT2ForSequenceClassification reads is dominated by the current token. The "
-    "assertion stays as the goal; this xfail should start passing (XPASS) once pretraining transfers"))
 def test_pretrained_beats_scratch_on_the_bundled_task(tmp_path):
-    """150 steps of pretraining on the bundled corpus, then the same fine-tuning (300 labelled
-    passages, 4 epochs, seed 0) from those weights and from fresh ones."""
-    run = pretrain(tmp_path / "run", "gpt2", steps=150, full_corpus=True, extra=["train.log_every=25"])
+    """300 steps of pretraining on the bundled corpus (about 2 minutes), then the same
+    fine-tuning (300 labelled passages, 4 epochs, seed 0) from those weights and from fresh ones."""
+    run = pretrain(tmp_path / "run", "gpt2", steps=300, full_corpus=True, extra=TRANSFER_MODEL)
     common = dict(model=str(run), max_train_examples=300, epochs=4, batch_size=32, lr=1e-3, max_length=48,
                   patience=0, seed=0, progress=False)
     pre = finetune(load_finetune_config(None, {**common, "output_dir": str(tmp_path / "pre")}), log=print)
     scratch = finetune(load_finetune_config(None, {**common, "output_dir": str(tmp_path / "scratch"),
                                                    "from_scratch": True}), log=print)
     print("pretrained", pre["best"], "scratch", scratch["best"])
-    assert pre["best"]["accuracy"] > scratch["best"]["accuracy"], (pre["best"], scratch["best"])
+    assert pre["best"]["accuracy"] > scratch["best"]["accuracy"] + 0.05, (pre["best"], scratch["best"])
