@@ -254,7 +254,7 @@ def verify(objective: nn.Module, conv: Converted, cfg: RunConfig, tokenizer, fol
     backbone) and compare with the lmssl objective on :func:`probe_batch`, in float32."""
     import transformers
 
-    ids, mask = probe_batch(cfg)
+    ids, mask = probe_batch(cfg, min(32, conv.positions or 32))
     V = cfg.model.vocab_size
     if conv.reference is not None:
         hidden = conv.reference(ids, mask)  # (B, T, dim)

@@ -8,6 +8,7 @@ dict whose names and shapes that class expects. Converters are registered per
     clm + gpt2   -> GPT2LMHeadModel   (AutoModelForCausalLM)
     clm + llama  -> LlamaForCausalLM  (AutoModelForCausalLM)
     mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
+    cpc + bert   -> BertModel         (the segment encoder; the context network has no twin)
 
 Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
 LlamaModel, BertModel). An objective whose useful product is the backbone alone (CPC)
@@ -58,6 +59,7 @@ class Converted:
     # lmssl's hidden states ``(ids, mask) -> (B, T, dim)`` that AutoModel must reproduce;
     # None: ``objective.backbone`` with the attention direction of ``kind``
     reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    positions: int | None = None  # positions of the exported model when fewer than model.max_positions
 
 
 Converter = Callable[[nn.Module, RunConfig, object], Converted]
@@ -366,4 +368,19 @@ def backbone_converter(objective: nn.Module, cfg: RunConfig, tokenizer, module: 
         fresh = ("pooler.",)
     return Converted(getattr(transformers, class_name), make_config(m, tokenizer, class_name), sd, "backbone",
                      "feature-extraction", notes, fresh,
-                     reference=lambda ids, mask: module(ids, mask, is_causal=m.causal))
+                     reference=lambda ids, mask: module(ids, mask, is_causal=m.causal), positions=m.max_positions)
+
+
+@register("cpc", "bert", head=False)
+def cpc_bert(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """CPC: the segment encoder as ``BertModel`` (bidirectional, ``cpc.segment_len`` positions).
+    The causal context network runs over segment latents, not tokens, and has no
+    ``transformers`` class; it and the predictors stay in the run's checkpoint."""
+    conv = backbone_converter(objective, cfg, tokenizer, objective.encoder, objective.encoder_cfg)
+    L = cfg.cpc.segment_len
+    conv.notes[:0] = [
+        f"this is the CPC segment encoder: it reads segments of up to {L} tokens; a segment's latent z is the mean "
+        "of `last_hidden_state` over its tokens (cut longer text into segments of that length)",
+        "the causal context network and the per-offset predictors have no transformers equivalent; they stay in the "
+        "run's checkpoint (`model.safetensors`, tensors `context.*` and `predictors.*`)"]
+    return conv

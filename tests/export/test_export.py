@@ -271,3 +271,29 @@ def test_card_names_the_pretraining_data():
     cfg.data.dataset, cfg.data.dataset_config = "HuggingFaceFW/fineweb-edu", "sample-10BT"
     ids, text = datasets_of(cfg)
     assert ids == ["HuggingFaceFW/fineweb-edu"] and "sample-10BT" in text
+
+
+def test_cpc_encoder_exports_to_bertmodel(tmp_path):
+    """The CPC segment encoder (bert family) loads as BertModel; mean-pooling a segment's
+    last_hidden_state gives the same latent z as lmssl's encoder."""
+    from transformers import AutoModel
+
+    from lmssl.objectives.cpc import CPC
+
+    cfg = tiny_config("bert_tiny", "cpc")
+    cfg.cpc.segment_len, cfg.cpc.encoder_layers, cfg.cpc.prediction_steps = 8, 1, 2
+    objective = perturb(CPC(cfg.model, cfg.cpc))
+    run = write_run(tmp_path / "run", cfg, objective)
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert _front_matter(card)["pipeline_tag"] == "feature-extraction"
+    assert "segment encoder" in card and "context network" in card
+    model = AutoModel.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model).__name__ == "BertModel" and model.config.max_position_embeddings == 8
+    assert model.config.num_hidden_layers == 1
+    ids = torch.randint(6, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z, _ = objective.encode(ids)  # (2, 3, dim)
+        h = model(input_ids=ids.reshape(6, 8)).last_hidden_state.mean(dim=1).view(2, 3, -1)
+    assert float((z - h).abs().max()) < TOL
