@@ -73,9 +73,11 @@ class Transformer(nn.Module):
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """GPT-2 style initialisation: N(0, std) weights, zero biases, unit norms, and residual
-    output projections scaled by ``1 / sqrt(2 * n_layers)``."""
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    """N(0, std) weights, zero biases, unit norms. Pre-norm (GPT-2 style): residual output
+    projections scaled by ``1 / sqrt(2 * n_layers)``, since every block adds to one growing
+    residual stream. Post-norm (BERT): no scaling; each block's sum is normalised anyway,
+    and shrinking the sublayer outputs only lets the input dominate every LayerNorm."""
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.norm_position == "pre" else cfg.init_std
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             std = residual_std if name.endswith(("attn.proj", "mlp.fc2")) else cfg.init_std
