@@ -95,7 +95,7 @@ def print_summary(cfg, result: dict) -> None:
     lines = ["", f"== {cfg.objective} run {cfg.train.output_dir}: step {result['step']}, "
                  f"{result.get('tokens_seen', 0):,} tokens seen =="]
     named = {"eval_loss": "held-out loss", "eval_perplexity": "perplexity", "eval_bits_per_byte": "bits per byte",
-             "eval_accuracy": "masked-token accuracy"}
+             "eval_accuracy": "masked-token accuracy" if cfg.objective == "mlm" else "held-out accuracy"}
     # every held-out metric the objective reports (CPC adds one accuracy per offset), then speed
     keys = list(named) + sorted(k for k in result if k.startswith("eval_") and k not in named)
     for key in keys + ["tokens_per_s", "mfu"]:
@@ -104,9 +104,9 @@ def print_summary(cfg, result: dict) -> None:
         value = result[key]
         label = named.get(key) or {"tokens_per_s": "tokens/s (last window)", "mfu": "MFU"}.get(key) or \
             "held-out " + key[len("eval_"):].replace("_", " ")
-        if key == "mfu" or "acc" in key:
+        if key == "mfu" or "acc" in key or "chance" in key:
             lines.append(f"  {label:<24} {value:.2%}")
-        elif key == "tokens_per_s":
+        elif key == "tokens_per_s" or key.endswith("tokens"):
             lines.append(f"  {label:<24} {value:,.0f}")
         else:
             lines.append(f"  {label:<24} {value:,.4f}")
