@@ -564,7 +564,7 @@ def objective_flops_per_token(objective: nn.Module, cfg, seq: int) -> float:
         return float(fpt(seq))
     if fpt is not None:
         return float(fpt)
-    from lmssl.train.flops import transformer_flops_per_token
+    from lmssl.models.flops import transformer_flops_per_token
 
     return transformer_flops_per_token(cfg.model, objective.backbone.num_params(), seq)
 

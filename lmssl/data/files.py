@@ -52,3 +52,8 @@ def resolve_files(patterns: str | os.PathLike | list, key: str = "--files") -> l
         if not os.access(f, os.R_OK):
             raise UserError(f"{key}: data file '{f}' is not readable; check its permissions")
     return list(files)
+
+
+def cache_dir() -> Path:
+    """Where tokenized corpora and measured CPU peaks are kept (``LMSSL_CACHE``, else ``~/.cache/lmssl``)."""
+    return Path(os.environ.get("LMSSL_CACHE", Path.home() / ".cache" / "lmssl"))

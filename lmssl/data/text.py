@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from lmssl.config import DataConfig
-from lmssl.data.files import builder_for, resolve_files
+from lmssl.data.files import builder_for, cache_dir, resolve_files
 from lmssl.errors import UserError
-from lmssl.train.flops import cache_dir
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 BUNDLED = {"train": [str(CORPUS_DIR / "kjv_train.txt")], "validation": [str(CORPUS_DIR / "kjv_validation.txt")]}

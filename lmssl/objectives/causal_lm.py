@@ -9,7 +9,7 @@ from torch import nn
 from lmssl.config import ModelConfig, RunConfig
 from lmssl.models import LMHead, TextBackbone
 from lmssl.models.generate import generate
-from lmssl.train.flops import transformer_flops_per_token
+from lmssl.models.flops import transformer_flops_per_token
 
 
 class CausalLM(nn.Module):

@@ -61,7 +61,7 @@ from lmssl.errors import UserError
 from lmssl.losses import gather_with_grad, info_nce_with_accuracy, rank_offset
 from lmssl.models import TextBackbone, Transformer, init_weights
 from lmssl.nn import LearnedPositions, sincos_positions
-from lmssl.train.flops import transformer_flops_per_token
+from lmssl.models.flops import transformer_flops_per_token
 
 NEGATIVES = ("batch", "sequence")
 

@@ -41,7 +41,7 @@ from lmssl.masking import (
     word_start_table,
 )
 from lmssl.models import LMHead, TextBackbone
-from lmssl.train.flops import transformer_flops_per_token
+from lmssl.models.flops import transformer_flops_per_token
 
 MASKINGS = ("token", "whole_word", "span")
 MASK_MARKERS = ("[MASK]", "<mask>")  # accepted in fill-mask texts, besides the tokenizer's own mask token

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lmssl.config import ModelConfig
+from lmssl.data.files import cache_dir
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), matched by substring.
 GPU_PEAKS = {
@@ -17,17 +17,6 @@ GPU_PEAKS = {
     "A800": 312e12, "A6000": 155e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
     "3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
-
-
-def transformer_flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): ``6 N`` for the weight
-    matrices including the vocabulary projection, plus ``12 L T d`` for attention scores."""
-    vocab_proj = cfg.dim * cfg.vocab_size
-    return 6.0 * (non_embedding_params + vocab_proj) + 12.0 * cfg.n_layers * seq_len * cfg.dim
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LMSSL_CACHE", Path.home() / ".cache" / "lmssl"))
 
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:

@@ -23,8 +23,9 @@ from lmssl.data.batches import build_text_data, micro_batch
 from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
 from lmssl.evaluate import evaluate_objective, language_metrics
+from lmssl.models.flops import transformer_flops_per_token
 from lmssl.train import checkpoint as ckpt
-from lmssl.train.flops import device_peak_flops, transformer_flops_per_token
+from lmssl.train.flops import device_peak_flops
 from lmssl.train.log import JsonlLog, plot_loss_curve
 from lmssl.train.optim import lr_factor, make_optimizer, make_schedule
 

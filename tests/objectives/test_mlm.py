@@ -18,7 +18,7 @@ from lmssl.errors import UserError
 from lmssl.evaluate import evaluate_objective
 from lmssl.masking import IGNORE_INDEX, select_masked
 from lmssl.objectives.mlm import MaskedLM, MaskingSpec, build, encode_with_masks, fill_mask
-from lmssl.train.flops import transformer_flops_per_token
+from lmssl.models.flops import transformer_flops_per_token
 from lmssl.train.log import read_log
 from lmssl.train.loop import load_run, train
 from tests.conftest import ROOT, TINY
