@@ -274,6 +274,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def read_recipe(path: Path, name: str | Path, expected: str) -> dict:
+    """The YAML mapping in ``path``; one-line errors for invalid YAML or a non-mapping
+    (``expected`` says what the mapping should hold, e.g. "sections (model:, ...)")."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe '{name}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{name}' must be a mapping of {expected}")
+    return data
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Build a :class:`RunConfig` from a YAML recipe (or defaults) and dotted overrides."""
     cfg = RunConfig()
@@ -281,13 +293,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
         path = Path(recipe)
         if not path.is_file():
             raise UserError(f"recipe '{recipe}' not found; pass a YAML file such as recipes/gpt_tiny.yaml")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"recipe '{recipe}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"recipe '{recipe}' must be a mapping of sections (model:, data:, train:, ...)")
-        _apply(cfg, data)
+        _apply(cfg, read_recipe(path, recipe, "sections (model:, data:, train:, ...)"))
     _apply(cfg, parse_overrides(list(overrides)))
     validate(cfg)
     return cfg

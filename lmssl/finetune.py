@@ -118,9 +118,7 @@ def load_finetune_config(recipe: str | None, options: dict[str, Any]) -> Finetun
     """Defaults, then the YAML ``recipe`` (keys are the field names), then ``options`` (non-None)."""
     import difflib
 
-    import yaml
-
-    from lmssl.config import _coerce
+    from lmssl.config import _coerce, read_recipe
 
     cfg = FinetuneConfig()
     names = [f.name for f in dataclasses.fields(cfg)]
@@ -131,12 +129,7 @@ def load_finetune_config(recipe: str | None, options: dict[str, Any]) -> Finetun
             from lmssl.cli import resolve_recipe
 
             path = Path(resolve_recipe(recipe))
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"recipe '{recipe}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"recipe '{recipe}' must be a mapping of settings (model:, epochs:, ...)")
+        data = read_recipe(path, recipe, "settings (model:, epochs:, ...)")
         values.update({str(k).replace("-", "_"): v for k, v in data.items()})
     values.update({k: v for k, v in options.items() if v is not None})
     hints = {f.name: f.type for f in dataclasses.fields(cfg)}

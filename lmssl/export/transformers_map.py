@@ -298,28 +298,24 @@ BACKBONES = {
 # ----------------------------------------------------------------------------- converters
 
 
-@register("clm", "gpt2")
-def gpt2_lm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
-    import transformers
+def _causal_lm(class_name: str, backbone, make_config, prefix: str) -> Converter:
+    """A decoder with an LM head: ``backbone`` maps the core under ``prefix``, plus ``lm_head``."""
 
-    m = cfg.model
-    s = _state(objective)
-    sd = gpt2_backbone(s, m, dst="transformer.")
-    sd["lm_head.weight"] = _head_weight(s, m)
-    return Converted(transformers.GPT2LMHeadModel, gpt2_config(m, tokenizer, "GPT2LMHeadModel"), sd,
-                     "causal-lm", "text-generation")
+    def convert(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+        import transformers
+
+        m = cfg.model
+        s = _state(objective)
+        sd = backbone(s, m, dst=prefix)
+        sd["lm_head.weight"] = _head_weight(s, m)
+        return Converted(getattr(transformers, class_name), make_config(m, tokenizer, class_name), sd,
+                         "causal-lm", "text-generation")
+
+    return convert
 
 
-@register("clm", "llama")
-def llama_lm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
-    import transformers
-
-    m = cfg.model
-    s = _state(objective)
-    sd = llama_backbone(s, m, dst="model.")
-    sd["lm_head.weight"] = _head_weight(s, m)
-    return Converted(transformers.LlamaForCausalLM, llama_config(m, tokenizer, "LlamaForCausalLM"), sd,
-                     "causal-lm", "text-generation")
+gpt2_lm = register("clm", "gpt2")(_causal_lm("GPT2LMHeadModel", gpt2_backbone, gpt2_config, "transformer."))
+llama_lm = register("clm", "llama")(_causal_lm("LlamaForCausalLM", llama_backbone, llama_config, "model."))
 
 
 @register("mlm", "bert")
