@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lmssl.config import ModelConfig
+from lmssl.losses.vocab import linear_cross_entropy
 from lmssl.nn import make_norm
 from lmssl.nn.mlp import ACTIVATIONS
 
@@ -37,7 +38,16 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(rows, cfg.dim).normal_(0.0, cfg.init_std))
         self.bias = nn.Parameter(torch.zeros(rows)) if cfg.head_bias else None
 
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(h))) if self.dense is not None else h
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            h = self.norm(self.act(self.dense(h)))
-        return nn.functional.linear(h, self.weight, self.bias)
+        return nn.functional.linear(self.transform(h), self.weight, self.bias)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor,
+             ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy of ``h (N, dim)`` against ``targets (N,)`` without materialising
+        the ``(N, vocab)`` logits (:func:`~lmssl.losses.vocab.linear_cross_entropy`); padded
+        vocabulary rows take no part. Returns ``(loss, correct, scored)``."""
+        return linear_cross_entropy(self.transform(h), self.weight, targets, self.bias, ignore_index=ignore_index,
+                                    vocab_size=self.vocab_size)

@@ -34,13 +34,12 @@ class CausalLM(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["input_ids"]
         attn = batch.get("attention_mask")
-        h = self.backbone(ids, attn, is_causal=True)[:, :-1]  # (B, T-1, dim)
-        targets = ids[:, 1:]  # (B, T-1)
+        h = self.backbone(ids, attn, is_causal=True)  # (B, T, dim)
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T): the last position has no next token
         if attn is not None:
-            targets = targets.masked_fill(attn[:, 1:] == 0, -100)
-        logits = self.head(h)  # (B, T-1, V_padded)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return loss, {"loss": loss.detach()}
+            targets = targets.masked_fill(F.pad(attn[:, 1:], (0, 1)) == 0, -100)
+        loss, correct, scored = self.head.loss(h.flatten(0, 1), targets.flatten())
+        return loss, {"loss": loss.detach(), "accuracy": correct / scored.clamp(min=1)}
 
     @torch.no_grad()
     def report(self, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmssl.config import MLMConfig, ModelConfig, RunConfig
@@ -196,19 +195,11 @@ class MaskedLM(nn.Module):
             ids, labels = self.mask_batch(ids, attn, g)
         h = self.hidden(ids, attn, batch.get("token_type_ids"))  # (B, T, dim)
         h_sel, y = select_masked(h, labels, IGNORE_INDEX)  # (N, dim), (N,)
-        logits = self.head(h_sel)  # (N, V_padded)
-        if logits.shape[-1] != self.cfg.vocab_size:
-            logits = logits[:, : self.cfg.vocab_size]  # padded rows are never predicted
-        n = y.numel()
-        if n == 0:  # nothing to predict (all special/padding): a zero loss, still connected to every weight (DDP)
-            loss = logits.float().sum() * 0.0
-            zero = torch.zeros((), device=h.device)
-            return loss, {"loss": loss.detach(), "accuracy": zero, "masked_tokens": zero}
-        loss = F.cross_entropy(logits.float(), y)
-        with torch.no_grad():
-            accuracy = (logits.argmax(dim=-1) == y).float().mean()
-        return loss, {"loss": loss.detach(), "accuracy": accuracy,
-                      "masked_tokens": torch.tensor(float(n), device=h.device)}
+        # fused head + cross-entropy on the (N, dim) selected rows; with N = 0 (nothing maskable)
+        # the loss is 0 and every head weight still gets a (zero) gradient, as DDP needs
+        loss, correct, n = self.head.loss(h_sel, y)
+        accuracy = correct / n.clamp(min=1)
+        return loss, {"loss": loss.detach(), "accuracy": accuracy, "masked_tokens": n.float()}
 
     # ------------------------------------------------------------------ end-of-run picture
 
