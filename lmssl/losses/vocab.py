@@ -37,7 +37,7 @@ __all__ = ["linear_cross_entropy", "default_chunk_rows"]
 # Rows per chunk: enough that each chunk's matrix products run at full speed, few enough that
 # the chunk's logits (rows x V float32) stay a few MB. Measured on a 2-core CPU with V = 8192:
 # 256-512 rows are fastest; on a GPU larger chunks amortise the kernel launches.
-_CHUNK_ELEMENTS = {"cpu": 4 * 1024 * 1024, "cuda": 64 * 1024 * 1024}
+_CHUNK_ELEMENTS = {"cpu": 4 * 1024 * 1024, "cuda": 32 * 1024 * 1024}
 
 
 def default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
