@@ -1,6 +1,7 @@
 """Loss functions: pure functions that hold the math, thin modules that hold settings.
 
-Contrastive (``contrastive``): InfoNCE, SimCLR's NT-Xent, a CLIP-style learned
+Vocabulary (``vocab``): cross-entropy fused with the vocabulary projection, in row
+chunks. Contrastive (``contrastive``): InfoNCE, SimCLR's NT-Xent, a CLIP-style learned
 temperature. Distributed helpers (``distributed``): an all-gather that keeps gradients.
 """
 
@@ -15,6 +16,7 @@ from lmssl.losses.contrastive import (
     similarity_logits,
 )
 from lmssl.losses.distributed import gather_with_grad, rank_offset
+from lmssl.losses.vocab import linear_cross_entropy
 
 __all__ = [
     "InfoNCELoss",
@@ -23,6 +25,7 @@ __all__ = [
     "gather_with_grad",
     "info_nce",
     "info_nce_with_accuracy",
+    "linear_cross_entropy",
     "nt_xent",
     "nt_xent_with_accuracy",
     "rank_offset",

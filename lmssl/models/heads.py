@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from lmssl.config import ModelConfig
-from lmssl.losses.vocab import linear_cross_entropy
 from lmssl.nn import make_norm
 from lmssl.nn.mlp import ACTIVATIONS
 
@@ -39,15 +38,10 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(rows)) if cfg.head_bias else None
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """What comes before the vocabulary projection (identity without ``head_transform``).
+        Objectives that fuse projection and loss (:mod:`lmssl.losses.vocab`) call this, then
+        use ``weight`` and ``bias`` themselves."""
         return self.norm(self.act(self.dense(h))) if self.dense is not None else h
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.transform(h), self.weight, self.bias)
-
-    def loss(self, h: torch.Tensor, targets: torch.Tensor,
-             ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy of ``h (N, dim)`` against ``targets (N,)`` without materialising
-        the ``(N, vocab)`` logits (:func:`~lmssl.losses.vocab.linear_cross_entropy`); padded
-        vocabulary rows take no part. Returns ``(loss, correct, scored)``."""
-        return linear_cross_entropy(self.transform(h), self.weight, targets, self.bias, ignore_index=ignore_index,
-                                    vocab_size=self.vocab_size)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmssl.config import ModelConfig, RunConfig
+from lmssl.losses.vocab import linear_cross_entropy
 from lmssl.models import LMHead, TextBackbone
 from lmssl.models.generate import generate
 from lmssl.models.flops import transformer_flops_per_token
@@ -38,7 +39,9 @@ class CausalLM(nn.Module):
         targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T): the last position has no next token
         if attn is not None:
             targets = targets.masked_fill(F.pad(attn[:, 1:], (0, 1)) == 0, -100)
-        loss, correct, scored = self.head.loss(h.flatten(0, 1), targets.flatten())
+        # projection + cross-entropy fused, in row chunks: the (B*T, vocab) logits never exist
+        loss, correct, scored = linear_cross_entropy(self.head.transform(h.flatten(0, 1)), self.head.weight,
+                                                     targets.flatten(), self.head.bias, vocab_size=self.cfg.vocab_size)
         return loss, {"loss": loss.detach(), "accuracy": correct / scored.clamp(min=1)}
 
     @torch.no_grad()

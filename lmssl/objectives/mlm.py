@@ -30,6 +30,7 @@ from torch import nn
 
 from lmssl.config import MLMConfig, ModelConfig, RunConfig
 from lmssl.errors import UserError
+from lmssl.losses.vocab import linear_cross_entropy
 from lmssl.masking import (
     IGNORE_INDEX,
     bernoulli_token_mask,
@@ -197,7 +198,8 @@ class MaskedLM(nn.Module):
         h_sel, y = select_masked(h, labels, IGNORE_INDEX)  # (N, dim), (N,)
         # fused head + cross-entropy on the (N, dim) selected rows; with N = 0 (nothing maskable)
         # the loss is 0 and every head weight still gets a (zero) gradient, as DDP needs
-        loss, correct, n = self.head.loss(h_sel, y)
+        loss, correct, n = linear_cross_entropy(self.head.transform(h_sel), self.head.weight, y, self.head.bias,
+                                                vocab_size=self.cfg.vocab_size)
         accuracy = correct / n.clamp(min=1)
         return loss, {"loss": loss.detach(), "accuracy": accuracy, "masked_tokens": n.float()}
 
