@@ -27,7 +27,7 @@ from lmssl.errors import UserError
 @dataclass
 class ModelConfig:
     preset: str = ""  # named size/architecture preset that fills the fields below
-    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | custom
+    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | vit | custom
     vocab_size: int = 0  # 0: taken from the tokenizer
     pad_vocab_multiple: int = 64  # embedding rows padded up to a multiple of this (speed); padded ids are never predicted
     max_positions: int = 1024  # longest sequence the position table / RoPE cache supports
@@ -41,7 +41,7 @@ class ModelConfig:
     norm_position: str = "pre"  # pre (GPT-2, Llama) | post (original BERT)
     activation: str = "gelu_tanh"  # gelu | gelu_tanh | silu | relu
     gated_mlp: bool = False  # True: SwiGLU-style gate * up projection
-    positions: str = "learned"  # learned | rope | sincos | none
+    positions: str = "learned"  # learned | rope | sincos (fixed; 2-D over the patch grid for images) | none
     rope_theta: float = 10000.0  # RoPE base frequency
     bias: bool = True  # biases in linear layers and norms
     dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
@@ -129,6 +129,23 @@ class CPCConfig:
 
 
 @dataclass
+class VisionConfig:
+    image_size: int = 224  # square input images, in pixels (a multiple of patch_size)
+    patch_size: int = 16  # square patches; each becomes one token
+    channels: int = 3  # colour channels
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    decoder_dim: int = 512  # width of the (narrower) decoder
+    decoder_layers: int = 8  # decoder blocks
+    decoder_heads: int = 16  # decoder attention heads
+    norm_pix_loss: bool = True  # regress each patch's pixels normalised by its own mean and variance
+    encoder_mask_token: bool = False  # True: the encoder sees every patch, hidden ones as a mask token (MAE's slower ablation)
+
+
+@dataclass
 class RunConfig:
     objective: str = "clm"  # clm | mlm | cpc
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,6 +154,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
     cpc: CPCConfig = field(default_factory=CPCConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # image geometry for vision models
+    mae: MAEConfig = field(default_factory=MAEConfig)  # settings of lmssl.objectives.mae (Python API and bench for now)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,6 +355,11 @@ def validate(cfg: RunConfig) -> None:
         (0.0 < cfg.mlm.mask_rate < 1.0, f"mlm.mask_rate must be in (0, 1), got {cfg.mlm.mask_rate}"),
         (cfg.cpc.segment_len >= 1, f"cpc.segment_len must be at least 1, got {cfg.cpc.segment_len}"),
         (cfg.cpc.prediction_steps >= 1, f"cpc.prediction_steps must be at least 1, got {cfg.cpc.prediction_steps}"),
+        (cfg.vision.patch_size >= 1 and cfg.vision.image_size % cfg.vision.patch_size == 0,
+         f"vision.image_size={cfg.vision.image_size} must be a multiple of vision.patch_size={cfg.vision.patch_size}"),
+        (0.0 < cfg.mae.mask_ratio < 1.0, f"mae.mask_ratio must be in (0, 1), got {cfg.mae.mask_ratio}"),
+        (cfg.mae.decoder_dim % max(cfg.mae.decoder_heads, 1) == 0,
+         f"mae.decoder_dim={cfg.mae.decoder_dim} must be divisible by mae.decoder_heads={cfg.mae.decoder_heads}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -380,3 +380,72 @@ def cpc_bert(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
         "the causal context network and the per-offset predictors have no transformers equivalent; they stay in the "
         "run's checkpoint (`model.safetensors`, tensors `context.*` and `predictors.*`)"]
     return conv
+
+
+# ----------------------------------------------------------------------------- MAE (vision)
+
+
+def vit_mae_config(m: ModelConfig, vision, mae):
+    """``ViTMAEConfig`` of the same shape as ``lmssl.objectives.mae.MAE(m, vision, mae)``."""
+    from transformers import ViTMAEConfig
+
+    from lmssl.models.transformer import mlp_hidden
+
+    return ViTMAEConfig(hidden_size=m.dim, num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                        intermediate_size=mlp_hidden(m), hidden_act=_ACT[m.activation], hidden_dropout_prob=m.dropout,
+                        attention_probs_dropout_prob=m.dropout, initializer_range=m.init_std,
+                        layer_norm_eps=m.norm_eps, image_size=vision.image_size, patch_size=vision.patch_size,
+                        num_channels=vision.channels, qkv_bias=m.bias, decoder_num_attention_heads=mae.decoder_heads,
+                        decoder_hidden_size=mae.decoder_dim, decoder_num_hidden_layers=mae.decoder_layers,
+                        decoder_intermediate_size=4 * mae.decoder_dim, mask_ratio=mae.mask_ratio,
+                        norm_pix_loss=mae.norm_pix_loss, architectures=["ViTMAEForPreTraining"])
+
+
+def vit_layers(s: dict[str, torch.Tensor], m: ModelConfig, src: str, dst: str) -> dict[str, torch.Tensor]:
+    """Pre-norm blocks of the shared core (``{src}blocks.i``) -> ViTMAE layers (``{dst}i``): split qkv."""
+    out = {}
+    for i in range(m.n_layers):
+        b, h = f"{src}blocks.{i}.", f"{dst}{i}."
+        for part in ("weight", "bias"):
+            q, k, v = _split_qkv(s[f"{b}attn.qkv.{part}"], m)
+            out[f"{h}attention.q_proj.{part}"], out[f"{h}attention.k_proj.{part}"] = q, k
+            out[f"{h}attention.v_proj.{part}"] = v
+            out[f"{h}attention.o_proj.{part}"] = s[f"{b}attn.proj.{part}"]
+            out[f"{h}layernorm_before.{part}"] = s[f"{b}norm1.{part}"]
+            out[f"{h}layernorm_after.{part}"] = s[f"{b}norm2.{part}"]
+            out[f"{h}mlp.fc1.{part}"] = s[f"{b}mlp.fc1.{part}"]
+            out[f"{h}mlp.fc2.{part}"] = s[f"{b}mlp.fc2.{part}"]
+    return out
+
+
+def vit_mae_pretraining(objective: nn.Module) -> tuple[object, dict[str, torch.Tensor]]:
+    """An ``lmssl.objectives.mae.MAE`` -> ``(ViTMAEConfig, state dict)`` for ViTMAEForPreTraining.
+
+    The patch embedding's ``(dim, p * p * C)`` weight becomes the ``(dim, C, p, p)``
+    convolution; the fixed sin-cos tables are written with a zero row for the class token.
+    """
+    from lmssl.nn import sincos_positions_2d
+
+    if objective.encoder_mask_token is not None:
+        raise NoExactTwin("an MAE whose encoder sees mask tokens (mae.encoder_mask_token) has no ViTMAE twin")
+    m, vision, mae = objective.cfg, objective.vision, objective.mae
+    s = _state(objective)
+    p, C, grid = vision.patch_size, vision.channels, objective.encoder.grid
+
+    def table(dim: int) -> torch.Tensor:  # (1, 1 + N, dim)
+        return torch.cat([torch.zeros(1, dim), sincos_positions_2d(*grid, dim)])[None]
+
+    out = {"vit.embeddings.cls_token": s["encoder.cls"].view(1, 1, -1),
+           "vit.embeddings.position_embeddings": table(m.dim),
+           "vit.embeddings.patch_embeddings.projection.weight":
+               s["encoder.patches.weight"].view(m.dim, p, p, C).permute(0, 3, 1, 2).contiguous(),
+           "vit.embeddings.patch_embeddings.projection.bias": s["encoder.patches.bias"],
+           "vit.layernorm.weight": s["encoder.core.norm.weight"], "vit.layernorm.bias": s["encoder.core.norm.bias"],
+           "decoder.mask_token": s["mask_token"].view(1, 1, -1),
+           "decoder.decoder_pos_embed": table(mae.decoder_dim),
+           "decoder.decoder_norm.weight": s["decoder.norm.weight"], "decoder.decoder_norm.bias": s["decoder.norm.bias"]}
+    for ours, theirs in (("decoder_embed", "decoder.decoder_embed"), ("pred", "decoder.decoder_pred")):
+        out[f"{theirs}.weight"], out[f"{theirs}.bias"] = s[f"{ours}.weight"], s[f"{ours}.bias"]
+    out |= vit_layers(s, m, "encoder.core.", "vit.layers.")
+    out |= vit_layers(s, objective.decoder_cfg, "decoder.", "decoder.decoder_layers.")
+    return vit_mae_config(m, vision, mae), out

@@ -2,7 +2,8 @@
 
 Vocabulary (``vocab``): cross-entropy fused with the vocabulary projection, in row
 chunks. Contrastive (``contrastive``): InfoNCE, SimCLR's NT-Xent, a CLIP-style learned
-temperature. Distributed helpers (``distributed``): an all-gather that keeps gradients.
+temperature. Distributed helpers (``distributed``): an all-gather that keeps gradients. Pixels
+(``pixel``): MAE's per-patch mean squared error, optionally on normalised patches.
 """
 
 from lmssl.losses.contrastive import (
@@ -16,6 +17,7 @@ from lmssl.losses.contrastive import (
     similarity_logits,
 )
 from lmssl.losses.distributed import gather_with_grad, rank_offset
+from lmssl.losses.pixel import normalize_patches, patch_mse
 from lmssl.losses.vocab import linear_cross_entropy
 
 __all__ = [
@@ -26,8 +28,10 @@ __all__ = [
     "info_nce",
     "info_nce_with_accuracy",
     "linear_cross_entropy",
+    "normalize_patches",
     "nt_xent",
     "nt_xent_with_accuracy",
+    "patch_mse",
     "rank_offset",
     "similarity_logits",
 ]

@@ -1,7 +1,8 @@
 """Named architecture and size presets. A recipe's ``model.preset`` fills these fields.
 
 Each family maps exactly onto one ``transformers`` class at export: ``gpt2`` ->
-GPT2LMHeadModel, ``llama`` -> LlamaForCausalLM, ``bert`` -> BertForMaskedLM.
+GPT2LMHeadModel, ``llama`` -> LlamaForCausalLM, ``bert`` -> BertForMaskedLM; ``vit`` is the
+encoder of ViTMAEForPreTraining (image geometry lives in the ``vision`` config section).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ LLAMA = dict(family="llama", norm="rmsnorm", norm_eps=1e-5, norm_position="pre",
 BERT = dict(family="bert", norm="layernorm", norm_eps=1e-12, norm_position="post", activation="gelu",
             gated_mlp=False, positions="learned", bias=True, tie_embeddings=True, type_vocab_size=2,
             embedding_norm=True, head_transform=True, head_bias=True, causal=False, mlp_hidden=0, n_kv_heads=0)
+# ViT encoder (MAE's): pre-norm LayerNorm, exact GELU, fixed 2-D sin-cos positions, bidirectional.
+VIT = dict(family="vit", norm="layernorm", norm_eps=1e-6, norm_position="pre", activation="gelu", gated_mlp=False,
+           positions="sincos", bias=True, tie_embeddings=False, type_vocab_size=0, embedding_norm=False,
+           head_transform=False, head_bias=False, causal=False, mlp_hidden=0, n_kv_heads=0)
 # A modern encoder: pre-norm, RMSNorm, SwiGLU, RoPE, bidirectional. No exact transformers twin.
 ENCODER = dict(LLAMA, family="custom", causal=False)
 
@@ -29,9 +34,11 @@ PRESETS: dict[str, dict] = {
     "llama_tiny": {**LLAMA, **_size(256, 4, 4, 256, n_kv_heads=2, mlp_hidden=704)},
     "bert_tiny": {**BERT, **_size(256, 4, 4, 256)},
     "encoder_tiny": {**ENCODER, **_size(256, 4, 4, 256, mlp_hidden=704)},
+    "vit_tiny": {**VIT, **_size(256, 4, 4, 256)},
     # reference sizes for GPUs
     "gpt2": {**GPT2, **_size(768, 12, 12, 1024)},
     "gpt2_medium": {**GPT2, **_size(1024, 24, 16, 1024)},
     "llama_small": {**LLAMA, **_size(768, 12, 12, 2048, n_kv_heads=4, mlp_hidden=2048)},
     "bert_base": {**BERT, **_size(768, 12, 12, 512)},
+    "vit_base": {**VIT, **_size(768, 12, 12, 256)},
 }

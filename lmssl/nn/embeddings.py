@@ -1,4 +1,4 @@
-"""Token embeddings with the vocabulary padded for fast matrix multiplies."""
+"""Input embeddings: tokens (vocabulary padded for fast matrix multiplies) and image patches."""
 
 from __future__ import annotations
 
@@ -22,3 +22,40 @@ class TokenEmbedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``images (B, C, H, W) -> patches (B, N, p * p * C)`` with ``N = (H / p) * (W / p)``.
+
+    Patches are in row-major grid order; the features of one patch are its pixels in
+    row-major order with the channels innermost ``(p, p, C)`` (MAE's and ViTMAE's layout,
+    so reconstruction targets match theirs).
+    """
+    B, C, H, W = images.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image of {H}x{W} pixels is not a whole number of {p}x{p} patches")
+    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, gh, p, gw, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(B, gh * gw, p * p * C) -> (B, C, gh * p, gw * p)``."""
+    B = patches.shape[0]
+    (gh, gw), p, C = grid, patch_size, channels
+    x = patches.reshape(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
+    return x.reshape(B, C, gh * p, gw * p)
+
+
+class PatchEmbedding(nn.Linear):
+    """``patches (B, N, p * p * C) -> (B, N, dim)``: one linear map per flattened patch.
+
+    The same as a ``Conv2d`` with kernel and stride ``p`` on the image (a convolution
+    weight ``(dim, C, p, p)`` is this weight viewed ``(dim, p, p, C)`` and permuted), but
+    taking patches lets an encoder embed only the patches it keeps.
+    """
+
+    def __init__(self, patch_size: int, channels: int, dim: int, bias: bool = True) -> None:
+        super().__init__(patch_size * patch_size * channels, dim, bias=bias)
+        self.patch_size = patch_size
+        self.channels = channels

@@ -29,6 +29,22 @@ def sincos_positions(length: int, dim: int, base: float = 10000.0) -> torch.Tens
     return table.float()
 
 
+def sincos_positions_2d(grid_h: int, grid_w: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sinusoidal table ``(grid_h * grid_w, dim)`` for a patch grid, row-major.
+
+    Each quarter of the features encodes one coordinate with ``dim / 4`` frequencies:
+    ``[sin(col), cos(col), sin(row), cos(row)]``, MAE's layout (and so ViTMAE's).
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / base ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+                                indexing="ij")  # (gh, gw) each
+    col = cols.flatten()[:, None] * omega  # (N, dim/4)
+    row = rows.flatten()[:, None] * omega
+    return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1).float()
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding with the half-split layout (feature i pairs with i + hs/2).
 
