@@ -21,9 +21,14 @@ returned to the system by ``malloc_trim`` first) from before the model was built
 peak of the warm-up steps; it counts every page the process touched, so it is an
 estimate. Elsewhere it is reported as n/a.
 
+For ``mae`` a third contender runs in the same rounds: lmssl's MAE with an encoder that
+sees every patch (hidden ones as a mask token), the "full-sequence encoder" that MAE's
+visible-only encoder is measured against.
+
 Usage::
 
     lmssl bench gpt --size tiny                       # CPU defaults: batch 8 x 256 tokens
+    lmssl bench mae --size tiny                       # 64 images of 32 x 32, 4 x 4 patches
     lmssl bench llama --size small --device cuda --precision bf16 --json llama.json
 """
 
@@ -59,10 +64,11 @@ class Size:
     """One benchmark size of a family: an lmssl preset and the workload run on it."""
 
     preset: str  # lmssl model preset (lmssl.models.presets)
-    vocab: int  # vocabulary size given to both models
-    seq_len: int  # default tokens per sequence
-    batch_cpu: int  # default sequences per step on a CPU
-    batch_cuda: int  # default sequences per step on a GPU
+    vocab: int  # vocabulary size given to both models (0 for images)
+    seq_len: int  # default tokens per sequence (images: patches per image, set by `overrides`)
+    batch_cpu: int  # default sequences (or images) per step on a CPU
+    batch_cuda: int  # default sequences (or images) per step on a GPU
+    overrides: tuple[str, ...] = ()  # further config overrides, e.g. image geometry and decoder size
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class Family:
     build_reference: Callable[[Any], tuple[nn.Module, LossFn]]  # RunConfig -> (transformers model, loss)
     make_batch: Callable[[Any, int, torch.Generator], Batch]  # (RunConfig, batch size, generator) -> CPU batch
     unit: str = "tokens"  # what throughput counts: tokens or images
+    # a second lmssl-built contender timed in the same rounds: (name, RunConfig -> (module, loss))
+    baseline: tuple[str, Callable[[Any], tuple[nn.Module, LossFn]]] | None = None
 
 
 def _gpt_sizes() -> dict[str, Size]:
@@ -99,6 +107,32 @@ def _lmssl_causal(cfg) -> tuple[nn.Module, LossFn]:
     from lmssl.objectives.causal_lm import CausalLM
 
     model = CausalLM(cfg.model)
+    return model, model
+
+
+def _mae_sizes() -> dict[str, Size]:
+    # tiny: CIFAR-sized 32 x 32 images in 4 x 4 patches (64 per image), a 128-wide 2-block decoder;
+    # base: ViT-B/16 on 224 x 224 images with the MAE paper's 512-wide 8-block decoder
+    tiny = Size("vit_tiny", 0, 64, 64, 512, ("vision.image_size=32", "vision.patch_size=4", "mae.decoder_dim=128",
+                                             "mae.decoder_layers=2", "mae.decoder_heads=4"))
+    base = Size("vit_base", 0, 196, 8, 128, ("vision.image_size=224", "vision.patch_size=16"))
+    return {"tiny": tiny, "small": base, "base": base}
+
+
+def _lmssl_mae(cfg) -> tuple[nn.Module, LossFn]:
+    from lmssl.objectives.mae import build
+
+    model = build(cfg)
+    return model, model
+
+
+def _lmssl_mae_full_encoder(cfg) -> tuple[nn.Module, LossFn]:
+    """The same MAE with an encoder that runs on every patch (hidden ones as a mask token)."""
+    from dataclasses import replace
+
+    from lmssl.objectives.mae import build
+
+    model = build(replace(cfg, mae=replace(cfg.mae, encoder_mask_token=True)))
     return model, model
 
 
@@ -171,6 +205,15 @@ def _reference_bert(cfg) -> tuple[nn.Module, LossFn]:
     return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"]).loss
 
 
+def _reference_mae(cfg) -> tuple[nn.Module, LossFn]:
+    from transformers import AutoModelForPreTraining
+
+    from lmssl.export.transformers_map import vit_mae_config
+
+    model = AutoModelForPreTraining.from_config(vit_mae_config(cfg.model, cfg.vision, cfg.mae), attn_implementation="sdpa")
+    return model, lambda b: model(pixel_values=b["pixel_values"]).loss
+
+
 # --- batches (tokenizer-free: random ids; the data path is timed separately)
 
 
@@ -194,13 +237,18 @@ def _masked_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
     return {"input_ids": corrupted, "labels": labels}
 
 
+def _image_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
+    v = cfg.vision
+    return {"pixel_values": torch.randn(batch_size, v.channels, v.image_size, v.image_size, generator=g)}
+
+
 FAMILIES: dict[str, Family] = {
     "gpt": Family(_gpt_sizes(), _lmssl_causal, _reference_gpt2, _causal_batch),
     "llama": Family(_llama_sizes(), _lmssl_causal, _reference_llama, _causal_batch),
     "bert": Family(_bert_sizes(), _lmssl_masked, _reference_bert, _masked_batch),
+    "mae": Family(_mae_sizes(), _lmssl_mae, _reference_mae, _image_batch, unit="images",
+                  baseline=("full-sequence encoder", _lmssl_mae_full_encoder)),
 }
-NOT_YET = {"mae": "mae: vision (patch embeddings, MAE and ViTMAEForPreTraining as the reference) is not implemented "
-                  "in lmssl yet; benchmark gpt, llama or bert for now"}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -392,16 +440,17 @@ def measure_data_path(cfg, batch_size: int, step_s: float, objective: nn.Module,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", choices=sorted([*FAMILIES, *NOT_YET]), help="model family to compare")
+    parser.add_argument("model", choices=sorted(FAMILIES), help="model family to compare")
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"],
-                        help="tiny: the *_tiny presets (vocab 8192); small/base: gpt2 (vocab 50257), llama_small "
-                             "(32000), bert_base (30522)")
+                        help="tiny: the *_tiny presets (vocab 8192; mae: 32x32 images); small/base: gpt2 (vocab "
+                             "50257), llama_small (32000), bert_base (30522), vit_base (224x224 images)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds per side, alternating (default 8)")
     parser.add_argument("--steps-per-round", type=int, default=2, help="training steps timed per round (default 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: per size and device)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: per size)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences (or images) per step (default: per size and device)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: per size; text only)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: autocast to bfloat16 with fp32 weights, as train.mixed_precision=bf16")
     parser.add_argument("--compile", action="store_true",
@@ -412,10 +461,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
 
 
-def _command_line(args: argparse.Namespace, batch: int, seq: int, device: str) -> str:
+def _command_line(args: argparse.Namespace, batch: int, seq: int | None, device: str) -> str:
     parts = ["lmssl bench", args.model, f"--size {args.size}", f"--device {device}", f"--rounds {args.rounds}",
              f"--steps-per-round {args.steps_per_round}", f"--warmup {args.warmup}", f"--batch-size {batch}",
-             f"--seq-len {seq}", f"--precision {args.precision}"]
+             *([f"--seq-len {seq}"] if seq is not None else []), f"--precision {args.precision}"]
     if args.threads:
         parts.append(f"--threads {args.threads}")
     if args.compile:
@@ -448,10 +497,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model in NOT_YET:
-        raise UserError(NOT_YET[args.model])
     _check_args(args)
     family = FAMILIES[args.model]
+    images = family.unit == "images"
+    if images and args.seq_len is not None:
+        raise UserError(f"--seq-len is for text models; {args.model} takes whole images (its --size sets their size)")
     size = family.sizes[args.size]
     device_str = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_str == "cuda" and not torch.cuda.is_available():
@@ -472,28 +522,36 @@ def run(args: argparse.Namespace) -> int:
     max_pos = ["model.max_positions=" + str(seq)] if seq > _preset_positions(size.preset) else []
     cfg = load_config(None, [f"model.preset={size.preset}", f"model.vocab_size={size.vocab}",
                              f"data.block_size={seq}", f"train.micro_batch_size={batch_size}",
-                             *max_pos])
+                             *max_pos, *size.overrides])
     cfg.train.mixed_precision = "bf16" if args.precision == "bf16" else "no"
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None
                 else contextlib.nullcontext)
-    command = _command_line(args, batch_size, seq, device.type)
-    print(f"{command}\n  {size.preset}, vocab {size.vocab}, batch {batch_size} x {seq} {family.unit}, "
-          f"{args.precision}, {_device_name(device)}"
+    command = _command_line(args, batch_size, None if images else seq, device.type)
+    if images:
+        v = cfg.vision
+        workload = (f"{size.preset}, {v.image_size}x{v.image_size} images in {v.patch_size}x{v.patch_size} patches "
+                    f"({seq} each, {cfg.mae.mask_ratio:.0%} hidden), batch {batch_size}")
+    else:
+        workload = f"{size.preset}, vocab {size.vocab}, batch {batch_size} x {seq} tokens"
+    print(f"{command}\n  {workload}, {args.precision}, {_device_name(device)}"
           + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""), flush=True)
 
     batch = {k: v.to(device) for k, v in family.make_batch(cfg, batch_size, torch.Generator().manual_seed(0)).items()}
 
     # build and warm up each side inside a memory probe: weights, gradients, AdamW state, activations
+    contenders = [("lmssl", family.build_lmssl), ("transformers", family.build_reference)]
+    if family.baseline is not None:
+        contenders.append(family.baseline)
     sides: list[Side] = []
-    for name, builder in (("lmssl", family.build_lmssl), ("transformers", family.build_reference)):
+    for name, builder in contenders:
         with MemoryProbe(device) as probe:
             torch.manual_seed(0)
             model, loss_fn = builder(cfg)
             model.to(device).train()
             params = sum(p.numel() for p in model.parameters())
             optimizer = make_optimizer(model, cfg.optim, device.type)
-            if name == "lmssl":
+            if name != "transformers":  # lmssl objectives return (loss, metrics)
                 model_fn = torch.compile(model) if args.compile else model
                 loss_fn = (lambda f: lambda b: f(b)[0])(model_fn)
             side = Side(name, model, loss_fn, optimizer, params)
@@ -505,20 +563,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<13} {params / 1e6:8.2f}M params, attention: {side.attention}, warm-up {side.warmup_s:.1f}s",
               flush=True)
 
-    lm, ref = sides
-    for r in range(args.rounds):
-        for side in (lm, ref) if r % 2 == 0 else (ref, lm):
+    for r in range(args.rounds):  # each round starts with the next side: load falls on all alike
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
             wall, cpu = time_steps(side, batch, args.steps_per_round, device, autocast)
             side.round_s.append(wall)
             side.round_cpu_s.append(cpu)
 
-    tokens_per_step = batch_size * seq
-    flops_per_token = objective_flops_per_token(lm.model, cfg, seq)
+    lm, ref = sides[:2]
+    units_per_step = batch_size * (1 if images else seq)
+
+    def unit_flops(side: Side) -> float:  # lmssl's count; the reference is given lmssl's
+        model = side.model if side.name != "transformers" else lm.model
+        return model.flops_per_image() if images else objective_flops_per_token(model, cfg, seq)
+
     peak, peak_source = device_peak_flops(device)
-    ratios = [b / a for a, b in zip(lm.round_s, ref.round_s)]
-    cpu_ratios = [b / a for a, b in zip(lm.round_cpu_s, ref.round_cpu_s)]
     step_s = statistics.median(lm.round_s) / args.steps_per_round
-    data = measure_data_path(cfg, batch_size, step_s, lm.model)
+    data = None if images else measure_data_path(cfg, batch_size, step_s, lm.model)
 
     result: dict[str, Any] = {
         "command": command, "model": args.model, "size": args.size, "preset": size.preset, "unit": family.unit,
@@ -528,26 +588,28 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__, "transformers": _version("transformers"), "lmssl": _version("lmssl"),
         "config": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
-        "flops_per_token": flops_per_token, "peak_flops": peak, "peak_source": peak_source,
+        **({"vision": cfg.to_dict()["vision"], "mae": cfg.to_dict()["mae"]} if images else {}),
+        f"flops_per_{family.unit[:-1]}": unit_flops(lm), "peak_flops": peak, "peak_source": peak_source,
         "memory_source": mem_source,
-        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
-        # the same ratio from process CPU time: steadier than wall time on a loaded CPU (with one
-        # thread it ignores time spent descheduled); on a GPU it measures only the host side
-        "ratio_cpu_time": statistics.median(cpu_ratios), "ratio_cpu_time_min": min(cpu_ratios),
-        "ratio_cpu_time_max": max(cpu_ratios),
+        **_ratios(lm, ref),
         "data": data,
     }
-    for side, key in ((lm, "lmssl"), (ref, "reference")):
-        per_s = tokens_per_step * args.steps_per_round / statistics.median(side.round_s)
+    keys = ["lmssl", "reference"] + (["baseline"] if len(sides) > 2 else [])
+    for side, key in zip(sides, keys):
+        per_s = units_per_step * args.steps_per_round / statistics.median(side.round_s)
+        flops = unit_flops(side)
         result[key] = {
-            "name": side.name if key == "lmssl" else type(side.model).__name__,
-            "params": side.params, f"{family.unit}_per_s": per_s, "tflops": per_s * flops_per_token / 1e12,
-            "mfu": per_s * flops_per_token / peak if peak else None,
+            "name": type(side.model).__name__ if key == "reference" else side.name,
+            "params": side.params, f"{family.unit}_per_s": per_s, "tflops": per_s * flops / 1e12,
+            "mfu": per_s * flops / peak if peak else None,
             "step_s": statistics.median(side.round_s) / args.steps_per_round, "round_s": side.round_s,
             "round_cpu_s": side.round_cpu_s,
             "warmup_s": side.warmup_s, "peak_mem_bytes": side.peak_mem, "attention": side.attention,
             "final_loss": side.final_loss,
         }
+    if len(sides) > 2:
+        # how much faster lmssl's objective is than the same model built the slow way
+        result["baseline"].update(_ratios(lm, sides[2]), flops_per_unit=unit_flops(sides[2]))
     print(format_table(result))
     if args.json:
         path = Path(args.json)
@@ -555,6 +617,16 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
+
+
+def _ratios(fast: Side, slow: Side) -> dict[str, Any]:
+    """Per-round throughput ratios ``fast / slow``: median, min, max; the same from process
+    CPU time (steadier than wall time on a loaded CPU; with one thread it ignores time spent
+    descheduled; on a GPU it measures only the host side)."""
+    ratios = [b / a for a, b in zip(fast.round_s, slow.round_s)]
+    cpu = [b / a for a, b in zip(fast.round_cpu_s, slow.round_cpu_s)]
+    return {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
+            "ratio_cpu_time": statistics.median(cpu), "ratio_cpu_time_min": min(cpu), "ratio_cpu_time_max": max(cpu)}
 
 
 def objective_flops_per_token(objective: nn.Module, cfg, seq: int) -> float:
@@ -588,27 +660,39 @@ def format_table(r: dict[str, Any]) -> str:
     unit = r["unit"]
     head = f"  {'':<22} {'params':>9} {unit + '/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10} {'step':>8} {'warm-up':>8}"
     lines = ["", head]
-    for key in ("lmssl", "reference"):
+    keys = [k for k in ("lmssl", "reference", "baseline") if k in r]
+    for key in keys:
         s = r[key]
         mem = f"{s['peak_mem_bytes'] / 2**20:,.0f} MiB" if s["peak_mem_bytes"] is not None else "n/a"
         mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"
         lines.append(f"  {s['name']:<22} {s['params'] / 1e6:>8.2f}M {s[unit + '_per_s']:>11,.0f} "
                      f"{s['tflops']:>9.4f} {mfu:>7} {mem:>10} {s['step_s'] * 1e3:>6.0f}ms {s['warmup_s']:>7.1f}s")
+
+    def ratio_line(label: str, x: dict[str, Any]) -> str:
+        return (f"  {label}: {x['ratio']:.2f}x (median of {r['rounds']} rounds; min {x['ratio_min']:.2f}x, "
+                f"max {x['ratio_max']:.2f}x)"
+                + (f"; by CPU time {x['ratio_cpu_time']:.2f}x [{x['ratio_cpu_time_min']:.2f}, "
+                   f"{x['ratio_cpu_time_max']:.2f}]" if r["device"] == "cpu" else ""))
+
+    per = unit[:-1]
+    lines += ["", ratio_line("lmssl / transformers throughput", r)]
+    if "baseline" in r:
+        lines.append(ratio_line(f"lmssl / {r['baseline']['name']} throughput", r["baseline"]))
+    lines.append(f"  FLOPs/{per} {r[f'flops_per_{per}'] / 1e6:,.1f}M (lmssl's count; the reference is given lmssl's) "
+                 f"peak {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_source']}); memory: {r['memory_source']}")
+    if r["model"] == "bert":
+        lines.append("  (the reference computes the vocabulary projection at every position; its TFLOP/s and MFU use "
+                     "lmssl's masked-only count, so they equal its throughput share, not its arithmetic)")
+    if "baseline" in r:
+        lines.append(f"  ({r['baseline']['name']}: its own count, {r['baseline']['flops_per_unit'] / 1e6:,.1f}M FLOPs/"
+                     f"{per}: the encoder runs on every patch)")
     d = r["data"]
-    lines += [
-        "",
-        f"  lmssl / transformers throughput: {r['ratio']:.2f}x (median of {r['rounds']} rounds; "
-        f"min {r['ratio_min']:.2f}x, max {r['ratio_max']:.2f}x)"
-        + (f"; by CPU time {r['ratio_cpu_time']:.2f}x [{r['ratio_cpu_time_min']:.2f}, {r['ratio_cpu_time_max']:.2f}]"
-           if r["device"] == "cpu" else ""),
-        f"  FLOPs/token {r['flops_per_token'] / 1e6:,.1f}M (lmssl's count, both sides); peak "
-        f"{r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_source']}); memory: {r['memory_source']}",
-        *(["  (the reference computes the vocabulary projection at every position; its TFLOP/s and MFU use "
-           "lmssl's masked-only count, so they equal its throughput share, not its arithmetic)"]
-          if r["model"] == "bert" else []),
-        f"  data path: tokenizer {d['tokenize_tokens_per_s']:,.0f} tokens/s ({d['tokenize_mb_per_s']:.1f} MB/s) = "
-        f"{d['tokenize_fraction']:.2%} of a step if tokenized on the fly; packing + collation "
-        f"{d['collate_s_per_batch'] * 1e3:.2f} ms/batch = {d['collate_fraction']:.2%} of a step"
-        + (" (with prepare_batch)" if d["includes_prepare_batch"] else ""),
-    ]
+    if d is None:
+        lines.append("  data path: not measured (generated images; lmssl has no image pipeline yet)")
+    else:
+        lines.append(
+            f"  data path: tokenizer {d['tokenize_tokens_per_s']:,.0f} tokens/s ({d['tokenize_mb_per_s']:.1f} MB/s) = "
+            f"{d['tokenize_fraction']:.2%} of a step if tokenized on the fly; packing + collation "
+            f"{d['collate_s_per_batch'] * 1e3:.2f} ms/batch = {d['collate_fraction']:.2%} of a step"
+            + (" (with prepare_batch)" if d["includes_prepare_batch"] else ""))
     return "\n".join(lines)

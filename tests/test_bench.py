@@ -30,8 +30,29 @@ def test_bench_gpt_tiny_smoke(tmp_path, capsys):
     assert "lmssl / transformers throughput" in capsys.readouterr().out
 
 
-def test_bench_not_yet_and_bad_args(capsys):
-    assert main(["bench", "mae"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+def test_bench_mae_smoke(tmp_path, capsys):
+    """Three contenders: lmssl's MAE, ViTMAEForPreTraining and the full-sequence-encoder MAE."""
+    out = tmp_path / "mae.json"
+    code = main(["bench", "mae", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
+                 "--warmup", "1", "--batch-size", "4", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["unit"] == "images" and r["data"] is None
+    assert r["reference"]["name"] == "ViTMAEForPreTraining" and r["baseline"]["name"] == "full-sequence encoder"
+    for side in ("lmssl", "reference", "baseline"):
+        assert r[side]["images_per_s"] > 0 and len(r[side]["round_s"]) == 2
+        assert "bidirectional" in r[side]["attention"]
+    # the same trainable weights; ViTMAE also counts its two frozen sin-cos tables as parameters
+    tables = (1 + 64) * (r["config"]["dim"] + r["mae"]["decoder_dim"])
+    assert r["reference"]["params"] - tables == r["lmssl"]["params"]
+    assert r["baseline"]["flops_per_unit"] > 2 * r["flops_per_image"]
+    assert r["baseline"]["ratio_min"] <= r["baseline"]["ratio"] <= r["baseline"]["ratio_max"]
+    text = capsys.readouterr().out
+    assert "lmssl / full-sequence encoder throughput" in text and "images/s" in text
+
+
+def test_bench_bad_args(capsys):
+    assert main(["bench", "mae", "--seq-len", "64"]) == 2
+    assert "--seq-len is for text models" in capsys.readouterr().err
     assert main(["bench", "gpt", "--rounds", "0"]) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
