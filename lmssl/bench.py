@@ -560,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
         side.peak_mem = probe.bytes
         mem_source = probe.source
         sides.append(side)
-        print(f"  {name:<13} {params / 1e6:8.2f}M params, attention: {side.attention}, warm-up {side.warmup_s:.1f}s",
+        print(f"  {name:<22} {params / 1e6:8.2f}M params, attention: {side.attention}, warm-up {side.warmup_s:.1f}s",
               flush=True)
 
     for r in range(args.rounds):  # each round starts with the next side: load falls on all alike
