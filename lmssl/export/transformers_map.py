@@ -10,6 +10,10 @@ dict whose names and shapes that class expects. Converters are registered per
     mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
     cpc + bert   -> BertModel         (the segment encoder; the context network has no twin)
 
+An MAE (``lmssl.objectives.mae``) maps onto ``ViTMAEForPreTraining`` with
+:func:`vit_mae_pretraining`; it is not registered yet, since ``lmssl pretrain`` makes no
+image runs to export.
+
 Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
 LlamaModel, BertModel). An objective whose useful product is the backbone alone (CPC)
 registers with :func:`backbone_converter`, which maps ``.backbone`` of any family onto the
@@ -185,6 +189,29 @@ def _mlp_hidden(m: ModelConfig) -> int:
 # ----------------------------------------------------------------------------- backbones
 
 
+# Per-block name tables for layouts that keep lmssl's modules one to one (biases included):
+# "q", "k", "v" are the three parts of the fused ``attn.qkv``; other keys are lmssl module paths.
+_BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+               "attn.proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+               "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense", "norm2": "output.LayerNorm"}
+_VIT_LAYER = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+              "attn.proj": "attention.o_proj", "norm1": "layernorm_before", "norm2": "layernorm_after",
+              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+def _blocks(s: dict[str, torch.Tensor], m: ModelConfig, src: str, dst: str,
+            names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Blocks ``{src}{i}.`` of the shared core -> ``{dst}{i}.`` by a name table, weights and biases."""
+    out = {}
+    for i in range(m.n_layers):
+        b, h = f"{src}{i}.", f"{dst}{i}."
+        for part in ("weight", "bias"):
+            qkv = dict(zip("qkv", _split_qkv(s[f"{b}attn.qkv.{part}"], m)))
+            for ours, theirs in names.items():
+                out[f"{h}{theirs}.{part}"] = qkv[ours] if ours in qkv else s[f"{b}{ours}.{part}"]
+    return out
+
+
 def gpt2_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbone.", dst: str = "") -> dict[str, torch.Tensor]:
     """lmssl TextBackbone (GPT-2 family) -> GPT2Model names under ``dst``; Conv1D weights are ``(in, out)``."""
     out = {f"{dst}wte.weight": s[f"{src}tokens.weight"][: m.vocab_size],
@@ -234,18 +261,7 @@ def bert_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbo
            e + "token_type_embeddings.weight": types,
            e + "LayerNorm.weight": s[f"{src}embed_norm.weight"],
            e + "LayerNorm.bias": s[f"{src}embed_norm.bias"]}
-    for i in range(m.n_layers):
-        b, h = f"{src}core.blocks.{i}.", f"{dst}encoder.layer.{i}."
-        for part in ("weight", "bias"):
-            q, k, v = _split_qkv(s[f"{b}attn.qkv.{part}"], m)
-            out[f"{h}attention.self.query.{part}"], out[f"{h}attention.self.key.{part}"] = q, k
-            out[f"{h}attention.self.value.{part}"] = v
-            out[f"{h}attention.output.dense.{part}"] = s[f"{b}attn.proj.{part}"]
-            out[f"{h}attention.output.LayerNorm.{part}"] = s[f"{b}norm1.{part}"]
-            out[f"{h}intermediate.dense.{part}"] = s[f"{b}mlp.fc1.{part}"]
-            out[f"{h}output.dense.{part}"] = s[f"{b}mlp.fc2.{part}"]
-            out[f"{h}output.LayerNorm.{part}"] = s[f"{b}norm2.{part}"]
-    return out
+    return out | _blocks(s, m, f"{src}core.blocks.", f"{dst}encoder.layer.", _BERT_LAYER)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -401,23 +417,6 @@ def vit_mae_config(m: ModelConfig, vision, mae):
                         norm_pix_loss=mae.norm_pix_loss, architectures=["ViTMAEForPreTraining"])
 
 
-def vit_layers(s: dict[str, torch.Tensor], m: ModelConfig, src: str, dst: str) -> dict[str, torch.Tensor]:
-    """Pre-norm blocks of the shared core (``{src}blocks.i``) -> ViTMAE layers (``{dst}i``): split qkv."""
-    out = {}
-    for i in range(m.n_layers):
-        b, h = f"{src}blocks.{i}.", f"{dst}{i}."
-        for part in ("weight", "bias"):
-            q, k, v = _split_qkv(s[f"{b}attn.qkv.{part}"], m)
-            out[f"{h}attention.q_proj.{part}"], out[f"{h}attention.k_proj.{part}"] = q, k
-            out[f"{h}attention.v_proj.{part}"] = v
-            out[f"{h}attention.o_proj.{part}"] = s[f"{b}attn.proj.{part}"]
-            out[f"{h}layernorm_before.{part}"] = s[f"{b}norm1.{part}"]
-            out[f"{h}layernorm_after.{part}"] = s[f"{b}norm2.{part}"]
-            out[f"{h}mlp.fc1.{part}"] = s[f"{b}mlp.fc1.{part}"]
-            out[f"{h}mlp.fc2.{part}"] = s[f"{b}mlp.fc2.{part}"]
-    return out
-
-
 def vit_mae_pretraining(objective: nn.Module) -> tuple[object, dict[str, torch.Tensor]]:
     """An ``lmssl.objectives.mae.MAE`` -> ``(ViTMAEConfig, state dict)`` for ViTMAEForPreTraining.
 
@@ -446,6 +445,6 @@ def vit_mae_pretraining(objective: nn.Module) -> tuple[object, dict[str, torch.T
            "decoder.decoder_norm.weight": s["decoder.norm.weight"], "decoder.decoder_norm.bias": s["decoder.norm.bias"]}
     for ours, theirs in (("decoder_embed", "decoder.decoder_embed"), ("pred", "decoder.decoder_pred")):
         out[f"{theirs}.weight"], out[f"{theirs}.bias"] = s[f"{ours}.weight"], s[f"{ours}.bias"]
-    out |= vit_layers(s, m, "encoder.core.", "vit.layers.")
-    out |= vit_layers(s, objective.decoder_cfg, "decoder.", "decoder.decoder_layers.")
+    out |= _blocks(s, m, "encoder.core.blocks.", "vit.layers.", _VIT_LAYER)
+    out |= _blocks(s, objective.decoder_cfg, "decoder.blocks.", "decoder.decoder_layers.", _VIT_LAYER)
     return vit_mae_config(m, vision, mae), out

@@ -11,7 +11,9 @@ Every objective is an ``nn.Module`` with
   this objective (generated text, filled masks, ...);
 - ``flops_per_token: float``: training FLOPs per input token for MFU.
 
-``build(cfg, tokenizer)`` creates the objective named by ``cfg.objective``.
+``build(cfg, tokenizer)`` creates the objective named by ``cfg.objective`` (clm, mlm,
+cpc). ``lmssl.objectives.mae`` (images) follows the same contract but is not listed here
+yet: ``lmssl pretrain`` reads text only, so MAE is built from Python for now.
 """
 
 from __future__ import annotations
