@@ -456,6 +456,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the lmssl objective, as train.compile=true (the reference stays eager); "
                              "the compile time shows in the warm-up column")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass on every side, as "
+                             "train.activation_checkpointing=true (the reference through gradient_checkpointing_enable)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 gives the steadiest CPU-time ratio")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
@@ -469,6 +472,8 @@ def _command_line(args: argparse.Namespace, batch: int, seq: int | None, device:
         parts.append(f"--threads {args.threads}")
     if args.compile:
         parts.append("--compile")
+    if args.activation_checkpointing:
+        parts.append("--activation-checkpointing")
     return " ".join(parts)
 
 
@@ -549,6 +554,8 @@ def run(args: argparse.Namespace) -> int:
             torch.manual_seed(0)
             model, loss_fn = builder(cfg)
             model.to(device).train()
+            if args.activation_checkpointing:
+                _checkpoint_activations(model, name)
             params = sum(p.numel() for p in model.parameters())
             optimizer = make_optimizer(model, cfg.optim, device.type)
             if name != "transformers":  # lmssl objectives return (loss, metrics)
@@ -583,6 +590,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "command": command, "model": args.model, "size": args.size, "preset": size.preset, "unit": family.unit,
         "batch_size": batch_size, "seq_len": seq, "precision": args.precision, "compile": bool(args.compile),
+        "activation_checkpointing": bool(args.activation_checkpointing),
         "rounds": args.rounds, "steps_per_round": args.steps_per_round, "warmup": args.warmup,
         "device": device.type, "device_name": _device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
@@ -617,6 +625,15 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
+
+
+def _checkpoint_activations(model: nn.Module, name: str) -> None:
+    if name == "transformers":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        from lmssl.models import set_activation_checkpointing
+
+        set_activation_checkpointing(model)
 
 
 def _ratios(fast: Side, slow: Side) -> dict[str, Any]:

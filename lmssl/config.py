@@ -96,6 +96,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: off)
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False  # torch.compile the objective
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
     seed: int = 0  # seeds data order, initialisation and every random draw
     log_every: int = 10  # steps between log lines
     eval_every: int = 200  # steps between evaluations (0: only at the end)

@@ -3,7 +3,7 @@
 from lmssl.models.heads import LMHead
 from lmssl.models.presets import PRESETS
 from lmssl.models.text import TextBackbone
-from lmssl.models.transformer import Block, Transformer, init_weights
+from lmssl.models.transformer import Block, Transformer, init_weights, set_activation_checkpointing
 from lmssl.models.vision import VisionBackbone
 
-__all__ = ["Block", "Transformer", "TextBackbone", "VisionBackbone", "LMHead", "PRESETS", "init_weights"]
+__all__ = ["Block", "Transformer", "TextBackbone", "VisionBackbone", "LMHead", "PRESETS", "init_weights", "set_activation_checkpointing"]

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmssl.config import ModelConfig
 from lmssl.nn import MLP, Attention, RotaryEmbedding, make_norm
@@ -54,6 +55,11 @@ class Transformer(nn.Module):
     ``attn_mask`` is a key-padding mask ``(B, T)`` (True = real token). ``is_causal=None``
     uses ``cfg.causal``. Rotary positions, when configured, are applied inside attention;
     other position schemes are added to ``x`` by the caller (see :mod:`lmssl.models.text`).
+
+    ``checkpoint_activations`` (off by default; see :func:`set_activation_checkpointing`):
+    while gradients are on, each block keeps only its input and recomputes its activations
+    in the backward pass: activation memory drops from every block's intermediates to one
+    block's, for about one more forward pass of compute.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -63,13 +69,27 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias) if cfg.norm_position == "pre" else nn.Identity()
         head_dim = cfg.dim // cfg.n_heads
         self.rope = RotaryEmbedding(head_dim, cfg.max_positions, cfg.rope_theta) if cfg.positions == "rope" else None
+        self.checkpoint_activations = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
         causal = self.cfg.causal if is_causal is None else is_causal
         rope = self.rope.cos_sin(x.shape[1], x.device, x.dtype) if self.rope is not None else None
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, attn_mask, causal, rope)
+            if recompute:  # dropout draws are replayed: the RNG state is saved with the input
+                x = checkpoint(block, x, attn_mask, causal, rope, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, causal, rope)
         return self.norm(x)
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing on (or off) in every :class:`Transformer` inside
+    ``module``; returns how many there are."""
+    cores = [m for m in module.modules() if isinstance(m, Transformer)]
+    for core in cores:
+        core.checkpoint_activations = enabled
+    return len(cores)
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:

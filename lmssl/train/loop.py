@@ -23,6 +23,7 @@ from lmssl.data.batches import build_text_data, micro_batch
 from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
 from lmssl.evaluate import evaluate_objective, language_metrics
+from lmssl.models import set_activation_checkpointing
 from lmssl.models.flops import transformer_flops_per_token
 from lmssl.train import checkpoint as ckpt
 from lmssl.train.flops import device_peak_flops
@@ -137,6 +138,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if state.step >= cfg.train.max_steps:
         log(f"{out} is already trained to step {state.step}; raise train.max_steps to train further")
         return {"step": state.step, "tokens_seen": state.tokens_seen, "complete": True}
+    if cfg.train.activation_checkpointing:
+        set_activation_checkpointing(objective)
     model = torch.compile(objective) if cfg.train.compile else objective
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.train.trackers:

@@ -73,3 +73,31 @@ def test_weight_decay_groups():
     decay, no_decay = param_groups(b, 0.1)
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0
+
+
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
+    from lmssl.models import set_activation_checkpointing
+    from lmssl.objectives.causal_lm import CausalLM
+
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    for preset in ("gpt_tiny", "llama_tiny"):
+        torch.manual_seed(0)
+        model = CausalLM(make(preset, dropout=0.1)).train()  # dropout: the recomputation must replay its draws
+        calls = []
+        model.backbone.core.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        grads = []
+        for on in (False, True):
+            assert set_activation_checkpointing(model, on) == 1
+            calls.clear()
+            torch.manual_seed(5)
+            loss, _ = model({"input_ids": ids})
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            model.zero_grad(set_to_none=True)
+            assert len(calls) == (2 if on else 1)  # forward, and once more in the backward pass
+        for name, g in grads[0].items():
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+        with torch.no_grad():  # no recomputation without gradients
+            calls.clear()
+            model({"input_ids": ids})
+            assert len(calls) == 1

@@ -28,8 +28,8 @@ def test_tiny_gpt_learns_and_writes_its_run(tmp_path, tiny):
     assert cfg2.model.dim == 64 and cfg2.model.vocab_size == len(tok)
 
 
-def test_llama_preset_trains(tmp_path, tiny):
-    cfg = load_config(None, tiny + ["model.preset=llama_tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
+def test_llama_preset_trains_with_activation_checkpointing(tmp_path, tiny):
+    cfg = load_config(None, tiny + ["train.activation_checkpointing=true", "model.preset=llama_tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
                                     "model.n_kv_heads=2", "model.mlp_hidden=128", "model.max_positions=64",
                                     f"train.output_dir={tmp_path}", "train.max_steps=25", "train.eval_every=0",
                                     "train.save_every=0", "train.sample_tokens=4"])
