@@ -24,6 +24,9 @@ import yaml
 from lmssl.errors import UserError
 
 
+VISION_OBJECTIVES = ("mae",)  # objectives that read images instead of text
+
+
 @dataclass
 class ModelConfig:
     preset: str = ""  # named size/architecture preset that fills the fields below
@@ -133,7 +136,12 @@ class CPCConfig:
 class VisionConfig:
     image_size: int = 224  # square input images, in pixels (a multiple of patch_size)
     patch_size: int = 16  # square patches; each becomes one token
-    channels: int = 3  # colour channels
+    channels: int = 3  # colour channels (3: RGB, 1: greyscale)
+    image_column: str = "image"  # column holding the images in a Hugging Face dataset (CIFAR-10: img)
+    crop_min_scale: float = 0.2  # training crops cover a random 20-100% of the image's area, then are resized
+    hflip: bool = True  # flip training images left-right half of the time
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel normalisation (ImageNet's)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -148,7 +156,7 @@ class MAEConfig:
 
 @dataclass
 class RunConfig:
-    objective: str = "clm"  # clm | mlm | cpc
+    objective: str = "clm"  # clm | mlm | cpc (text) | mae (images)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -156,7 +164,7 @@ class RunConfig:
     mlm: MLMConfig = field(default_factory=MLMConfig)
     cpc: CPCConfig = field(default_factory=CPCConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)  # image geometry for vision models
-    mae: MAEConfig = field(default_factory=MAEConfig)  # settings of lmssl.objectives.mae (Python API and bench for now)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +173,8 @@ class RunConfig:
         """Hash of what makes two runs the same run (model, data, objective, seed)."""
         d = self.to_dict()
         key = {k: d[k] for k in ("objective", "model", "data", self.objective) if k in d}
+        if self.objective in VISION_OBJECTIVES:
+            key["vision"] = {k: d["vision"][k] for k in ("image_size", "patch_size", "channels", "image_column")}
         key["seed"] = self.train.seed
         for volatile in ("eval_blocks", "num_proc"):
             key["data"].pop(volatile, None)
@@ -352,13 +362,17 @@ def validate(cfg: RunConfig) -> None:
         (t.grad_accum >= 1, f"train.grad_accum must be at least 1, got {t.grad_accum}"),
         (t.mixed_precision in ("no", "bf16", "fp16"), f"train.mixed_precision must be no, bf16 or fp16, got '{t.mixed_precision}'"),
         (t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}"),
-        (cfg.objective in ("clm", "mlm", "cpc"), f"objective must be clm, mlm or cpc, got '{cfg.objective}'"),
+        (cfg.objective in ("clm", "mlm", "cpc", "mae"), f"objective must be clm, mlm, cpc or mae, got '{cfg.objective}'"),
         (0.0 < cfg.mlm.mask_rate < 1.0, f"mlm.mask_rate must be in (0, 1), got {cfg.mlm.mask_rate}"),
         (cfg.cpc.segment_len >= 1, f"cpc.segment_len must be at least 1, got {cfg.cpc.segment_len}"),
         (cfg.cpc.prediction_steps >= 1, f"cpc.prediction_steps must be at least 1, got {cfg.cpc.prediction_steps}"),
         (cfg.vision.patch_size >= 1 and cfg.vision.image_size % cfg.vision.patch_size == 0,
          f"vision.image_size={cfg.vision.image_size} must be a multiple of vision.patch_size={cfg.vision.patch_size}"),
         (0.0 < cfg.mae.mask_ratio < 1.0, f"mae.mask_ratio must be in (0, 1), got {cfg.mae.mask_ratio}"),
+        (cfg.vision.channels in (1, 3), f"vision.channels must be 1 or 3, got {cfg.vision.channels}"),
+        (len(cfg.vision.mean) == len(cfg.vision.std) == cfg.vision.channels and min(cfg.vision.std) > 0,
+         f"vision.mean and vision.std need one value per channel ({cfg.vision.channels}), std above 0"),
+        (0.0 < cfg.vision.crop_min_scale <= 1.0, f"vision.crop_min_scale must be in (0, 1], got {cfg.vision.crop_min_scale}"),
         (cfg.mae.decoder_dim % max(cfg.mae.decoder_heads, 1) == 0,
          f"mae.decoder_dim={cfg.mae.decoder_dim} must be divisible by mae.decoder_heads={cfg.mae.decoder_heads}"),
     ]

@@ -70,15 +70,16 @@ def _stream_eval_blocks(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, float]:
     return np.asarray(buf[: min(rows, want) * bs], dtype=np.int64).reshape(-1, bs), n_bytes / max(1, n_tokens)
 
 
-def micro_batch(data: TextData, cfg: RunConfig, cursor: int, micro_step: int, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
+def micro_batch(data, cfg: RunConfig, cursor: int, micro_step: int, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
     """This process's micro-batch ``micro_step`` of the optimizer step starting at ``cursor``.
 
-    Returns ``(batch, first_global_sample_index)``; the index seeds any per-batch randomness
-    (e.g. MLM masks) so that it too is independent of the process layout.
+    ``data``: :class:`TextData` or :class:`lmssl.data.images.ImageData`. Returns
+    ``(batch, first_global_sample_index)``; the index seeds any per-batch randomness (e.g.
+    MLM masks) so that it too is independent of the process layout.
     """
     mb = cfg.train.micro_batch_size
     start = cursor + (micro_step * world + rank) * mb
-    if isinstance(data.train, StreamingBlocks):
+    if hasattr(data.train, "batch_at"):  # streamed text, images: addressed by cursor directly
         return data.train.batch_at(start, mb), start
     idx = data.train.sample_ids(start, mb, cfg.train.seed)
     return data.train.batch(idx), start

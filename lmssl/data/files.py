@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Callable
 
 from lmssl.errors import UserError
 
@@ -22,19 +23,23 @@ def builder_for(path: str | os.PathLike) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def resolve_files(patterns: str | os.PathLike | list, key: str = "--files") -> list[str]:
+def resolve_files(patterns: str | os.PathLike | list, key: str = "--files",
+                  accept: Callable[[Path], bool] | None = None,
+                  kinds: str = ".txt/.json/.jsonl/.csv/.parquet") -> list[str]:
     """Files, folders (searched recursively for readable kinds) and globs -> a sorted list
-    without duplicates. ``key`` names the option in error messages."""
+    without duplicates. ``key`` names the option in error messages; ``accept`` says which
+    files a folder contributes (default: those ``datasets`` reads as text data), ``kinds``
+    names them in the error for a folder without any."""
+    accept = accept or (lambda f: builder_for(f) is not None)
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     files: dict[str, None] = {}
     for pattern in map(os.fspath, patterns):
         p = Path(pattern).expanduser()
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*")
-                           if f.is_file() and builder_for(f) and not f.name.startswith("."))
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and accept(f) and not f.name.startswith("."))
             if not found:
-                raise UserError(f"{key}: folder '{pattern}' holds no .txt/.json/.jsonl/.csv/.parquet files")
+                raise UserError(f"{key}: folder '{pattern}' holds no {kinds} files")
         elif p.is_file():
             found = [str(p)]
         elif glob.has_magic(pattern):
@@ -48,7 +53,7 @@ def resolve_files(patterns: str | os.PathLike | list, key: str = "--files") -> l
         raise UserError(f"{key}: no input files given; pass one or more files, folders or globs")
     for f in files:
         if os.path.getsize(f) == 0:
-            raise UserError(f"{key}: data file '{f}' is empty; remove it from the list or give it text")
+            raise UserError(f"{key}: data file '{f}' is empty; remove it from the list or give it content")
         if not os.access(f, os.R_OK):
             raise UserError(f"{key}: data file '{f}' is not readable; check its permissions")
     return list(files)

@@ -186,6 +186,9 @@ def probe_run(run_dir: str, seeds: list[int] | tuple[int, ...] = (0, 1, 2), trai
         raise UserError("no probe seeds given; pass --seeds 0 1 2 (one or more integers)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     objective, cfg, tokenizer = load_run(run_dir, device)
+    if tokenizer is None:
+        raise UserError(f"{run_dir} is a '{cfg.objective}' run on images; lmssl probe measures text features "
+                        "(GPT, BERT or CPC runs)")
     task = load_probe_task(train_file, validation_file, log=log)
     max_len = min(cfg.data.block_size, cfg.model.max_positions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -11,9 +11,9 @@ Every objective is an ``nn.Module`` with
   this objective (generated text, filled masks, ...);
 - ``flops_per_token: float``: training FLOPs per input token for MFU.
 
-``build(cfg, tokenizer)`` creates the objective named by ``cfg.objective`` (clm, mlm,
-cpc). ``lmssl.objectives.mae`` (images) follows the same contract but is not listed here
-yet: ``lmssl pretrain`` reads text only, so MAE is built from Python for now.
+``build(cfg, tokenizer)`` creates the objective named by ``cfg.objective``: clm, mlm, cpc
+on text; mae on images (``batch["pixel_values"]``, no tokenizer: ``tokenizer`` is None,
+``flops_per_image()`` instead of ``flops_per_token``, and ``reconstruct()`` for pictures).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from torch import nn
 
 from lmssl.config import RunConfig
 
-OBJECTIVES = {"clm": "lmssl.objectives.causal_lm", "mlm": "lmssl.objectives.mlm", "cpc": "lmssl.objectives.cpc"}
+OBJECTIVES = {"clm": "lmssl.objectives.causal_lm", "mlm": "lmssl.objectives.mlm", "cpc": "lmssl.objectives.cpc",
+              "mae": "lmssl.objectives.mae"}
 
 
 def build(cfg: RunConfig, tokenizer) -> nn.Module:

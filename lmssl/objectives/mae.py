@@ -131,7 +131,8 @@ class MAE(nn.Module):
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """For pictures: ``masked`` input (hidden patches zeroed), ``reconstruction`` (visible
         patches from the input, hidden ones predicted, de-normalised with each true patch's
-        mean and variance when ``norm_pix_loss``), all ``(B, C, H, W)``."""
+        mean and variance when ``norm_pix_loss``), both ``(B, C, H, W)``, and ``hidden``
+        ``(B, 1, H, W)`` bool, True on the pixels of hidden patches."""
         keep_idx, restore_idx = self.draw_mask(images.shape[0], generator, images.device)
         patches = self.encoder.patchify(images)  # (B, N, P)
         pred = self.pred(self.decode(images, keep_idx, restore_idx)).float()  # (B, N, P)
@@ -142,7 +143,9 @@ class MAE(nn.Module):
         grid, p, C = self.encoder.grid, self.vision.patch_size, self.vision.channels
         masked = patches.masked_fill(hidden[..., None], 0.0)
         mixed = torch.where(hidden[..., None], pred.to(patches.dtype), patches)
-        return {"masked": unpatchify(masked, p, grid, C), "reconstruction": unpatchify(mixed, p, grid, C)}
+        hidden_pixels = unpatchify(hidden[..., None].expand_as(patches).to(patches.dtype), p, grid, C)[:, :1] > 0
+        return {"masked": unpatchify(masked, p, grid, C), "reconstruction": unpatchify(mixed, p, grid, C),
+                "hidden": hidden_pixels}
 
     def flops_per_image(self) -> float:
         """Training FLOPs per image (3x forward): encoder on its tokens, decoder on all

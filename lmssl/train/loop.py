@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lmssl import objectives
-from lmssl.config import RunConfig, config_from_dict
+from lmssl.config import VISION_OBJECTIVES, RunConfig, config_from_dict
 from lmssl.data.batches import build_text_data, micro_batch
+from lmssl.data.images import build_image_data
 from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
 from lmssl.evaluate import evaluate_objective, language_metrics
@@ -27,7 +28,7 @@ from lmssl.models import set_activation_checkpointing
 from lmssl.models.flops import transformer_flops_per_token
 from lmssl.train import checkpoint as ckpt
 from lmssl.train.flops import device_peak_flops
-from lmssl.train.log import JsonlLog, plot_loss_curve
+from lmssl.train.log import JsonlLog, plot_loss_curve, plot_reconstructions
 from lmssl.train.optim import lr_factor, make_optimizer, make_schedule
 
 
@@ -39,7 +40,7 @@ class TrainingDiverged(UserError):
 class TrainState:
     step: int = 0  # optimizer steps taken
     cursor: int = 0  # global sample cursor (see lmssl.data.batches)
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # tokens (text) or images (vision objectives) trained on
     bad_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -97,7 +98,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     c = ckpt.find_resumable(run_dir)
     if c is None:
         raise UserError(f"{run_dir} has no usable checkpoint yet; train it first (lmssl pretrain ...)")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = None if cfg.objective in VISION_OBJECTIVES else load_tokenizer(cfg.data.tokenizer)
     model = objectives.build(cfg, tokenizer)
     ckpt.load_weights(model, c.path / "model.safetensors")
     return model.to(device).eval(), cfg, tokenizer
@@ -115,11 +116,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda msg: None)
     out = Path(cfg.train.output_dir)
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    complete_model_config(cfg, tokenizer)
+    images = cfg.objective in VISION_OBJECTIVES
+    tokenizer = None if images else load_tokenizer(cfg.data.tokenizer)
+    if tokenizer is not None:
+        complete_model_config(cfg, tokenizer)
     with accelerator.main_process_first():
         resume = prepare_run_dir(cfg, is_main, log)
-        data = build_text_data(cfg, tokenizer, log)
+        data = build_image_data(cfg, log) if images else build_text_data(cfg, tokenizer, log)
 
     set_seed(cfg.train.seed)
     objective = objectives.build(cfg, tokenizer)
@@ -148,18 +151,25 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     global_batch = micro * accum * world
     seq = cfg.data.block_size
-    flops_per_token = (objective.flops_per_token(seq) if hasattr(objective, "flops_per_token")
-                       else transformer_flops_per_token(cfg.model, n_params, seq))
+    # what throughput counts: tokens of text, or images
+    unit, per_sample = ("images", 1) if images else ("tokens", seq)
+    if images:
+        flops_per_unit = objective.flops_per_image()
+    elif hasattr(objective, "flops_per_token"):
+        flops_per_unit = objective.flops_per_token(seq)
+    else:
+        flops_per_unit = transformer_flops_per_token(cfg.model, n_params, seq)
     peak, peak_source = device_peak_flops(accelerator.device)
     jsonl = JsonlLog(out / "log.jsonl", state.step if resume is not None else None, enabled=is_main)
+    shape = f"{global_batch} images" if images else f"{global_batch} x {seq} tokens"
     log(f"{cfg.objective} | {n_params / 1e6:.2f}M parameters | {world} process(es) on {accelerator.device} | "
-        f"global batch {global_batch} x {seq} tokens | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        f"global batch {shape} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 
     stop = _StopSignal()
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (is_main and cfg.train.progress),
                desc=cfg.objective, unit="step", dynamic_ncols=True)
     window: dict[str, float] = {}
-    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+    window_steps, window_units, t_window = 0, 0, time.perf_counter()
     model.train()
     while state.step < cfg.train.max_steps:
         torch.manual_seed(step_seed(cfg.train.seed, state.step, rank))
@@ -198,9 +208,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += global_batch * seq
+        state.tokens_seen += global_batch * per_sample
         window_steps += 1
-        window_tokens += global_batch * seq
+        window_units += global_batch * per_sample
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v  # tensors: read at log time only
         if grad_norm is not None:
@@ -214,16 +224,17 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             if world > 1:
                 record = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                           for k, v in record.items()}
-            tok_s = window_tokens / max(elapsed, 1e-9)
-            record.update(step=state.step, lr=schedule.get_last_lr()[0], tokens_per_s=tok_s,
-                          tflops=tok_s * flops_per_token / 1e12, tokens_seen=state.tokens_seen)
-            record["mfu"] = tok_s * flops_per_token / (peak * world) if peak else 0.0
+            per_s = window_units / max(elapsed, 1e-9)
+            record.update({"step": state.step, "lr": schedule.get_last_lr()[0], f"{unit}_per_s": per_s,
+                           "tflops": per_s * flops_per_unit / 1e12, f"{unit}_seen": state.tokens_seen})
+            record["mfu"] = per_s * flops_per_unit / (peak * world) if peak else 0.0
             jsonl.write(record)
             if cfg.train.trackers:
                 accelerator.log(record, step=state.step)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+            bar.set_postfix({"loss": f"{record['loss']:.3f}", f"{unit[:3]}/s": f"{per_s:,.0f}",
+                             "mfu": f"{record['mfu']:.1%}"})
             state.metrics = record
-            window, window_steps, window_tokens, t_window = {}, 0, 0, time.perf_counter()
+            window, window_steps, window_units, t_window = {}, 0, 0, time.perf_counter()
 
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last_step:
             ev = _evaluate(objective, data, cfg, accelerator)
@@ -245,11 +256,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     bar.close()
     stop.restore()
     accelerator.end_training()
-    result = {"step": state.step, "tokens_seen": state.tokens_seen, "params": n_params, "main_process": is_main,
+    result = {"step": state.step, f"{unit}_seen": state.tokens_seen, "params": n_params, "main_process": is_main,
               **state.metrics}
     if is_main:
         result["loss_curve"] = str(out / "loss_curve.png") if (out / "loss_curve.png").exists() else None
-        if hasattr(objective, "report"):
+        if images:
+            result["report"] = _show_reconstructions(objective, cfg, data, accelerator, out / "reconstructions.png")
+        elif hasattr(objective, "report"):
             result["report"] = _report(objective, cfg, tokenizer, data, accelerator)
         (out / "final_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1))
     return result
@@ -270,6 +283,16 @@ def _report(objective, cfg: RunConfig, tokenizer, data, accelerator) -> str:
         if cfg.objective == "clm":
             return objective.report(tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens, seed=cfg.train.seed)
         return objective.report(tokenizer, data.eval_batches, cfg)
+
+
+def _show_reconstructions(objective, cfg: RunConfig, data, accelerator, path: Path) -> str:
+    """MAE's end-of-run picture: held-out images, what the encoder saw, the reconstruction."""
+    images = torch.cat([b["pixel_values"] for b in data.eval_batches])[:8].to(accelerator.device)
+    with accelerator.autocast():
+        pictures = objective.reconstruct(images, torch.Generator(images.device).manual_seed(cfg.train.seed))
+    plot_reconstructions(images, pictures["hidden"], pictures["reconstruction"], cfg.vision.mean, cfg.vision.std,
+                         path, f"{cfg.objective}: held-out images, visible patches, reconstruction")
+    return f"reconstructions of {len(images)} held-out images: {path}"
 
 
 def _apply_optim_config(optimizer, schedule, cfg: RunConfig) -> None:

@@ -4,6 +4,8 @@ patch and position helpers it is built from."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,3 +177,53 @@ def test_patch_mse():
     assert patch_mse(pred, target, normalize_target=True).item() == pytest.approx(F.mse_loss(pred, t).item(), rel=1e-6)
     with pytest.raises(ValueError, match="differ in shape"):
         patch_mse(pred, target[:, :4])
+
+
+# --- through `lmssl pretrain`'s loop, on a folder of images
+
+
+def test_pretrain_mae_on_an_image_folder_then_resume(tmp_path):
+    from lmssl.train.log import read_log
+    from lmssl.train.loop import load_run, train
+    from tests.data.test_images import write_images
+
+    write_images(tmp_path / "imgs", 64, size=(32, 32))
+    out = tmp_path / "run"
+    args = SMALL + ["objective=mae", f"data.train_files={tmp_path / 'imgs'}", f"train.output_dir={out}",
+                    "data.validation_fraction=0.25", "train.micro_batch_size=16", "train.max_steps=60",
+                    "train.eval_every=30", "train.save_every=30", "train.log_every=1", "train.progress=false",
+                    "optim.lr=3e-3", "optim.warmup_steps=5", "optim.weight_decay=0", "mae.norm_pix_loss=false"]
+    result = train(load_config(None, args))
+    rows = [r for r in read_log(out / "log.jsonl") if r.get("kind") != "eval"]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert all(k in rows[-1] for k in ("images_per_s", "images_seen", "mfu", "tflops"))
+    assert rows[-1]["images_seen"] == 60 * 16
+    assert result["eval_loss"] < 0.7 * first
+    assert (out / "reconstructions.png").stat().st_size > 5000 and "reconstructions.png" in result["report"]
+    assert (out / "loss_curve.png").exists()
+
+    model, cfg, tokenizer = load_run(out)
+    assert isinstance(model, MAE) and tokenizer is None and cfg.vision.image_size == 32
+
+    more = train(load_config(None, args + ["train.max_steps=70"]))  # resumes at step 60
+    assert more["step"] == 70
+    rows = [r for r in read_log(out / "log.jsonl") if r.get("kind") != "eval"]
+    assert [r["step"] for r in rows] == list(range(1, 71))
+
+
+def test_shipped_cifar10_recipe_runs_on_a_local_folder(tmp_path):
+    """The recipe as shipped, with its Hub dataset swapped for local images (no network here)."""
+    from lmssl.train.loop import train
+    from tests.conftest import ROOT
+    from tests.data.test_images import write_images
+
+    write_images(tmp_path / "imgs", 24, size=(36, 36))
+    cfg = load_config(ROOT / "recipes" / "mae_cifar10.yaml",
+                      ["data.dataset=", f"data.train_files={tmp_path / 'imgs'}", "data.validation_fraction=0.25",
+                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.micro_batch_size=4",
+                       "train.progress=false"])
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.mae.decoder_dim) == (32, 4, 128)
+    result = train(cfg)
+    assert result["step"] == 2 and result["images_seen"] == 8 and math.isfinite(result["eval_loss"])
