@@ -15,8 +15,10 @@ from lmssl.config import RunConfig
 BUNDLED_DATASET = "kjv-bible"  # the bundled King James Version corpus (lmssl/data/corpus)
 OBJECTIVE_NAMES = {"clm": "causal language modelling (next-token prediction, GPT-style)",
                    "mlm": "masked language modelling (BERT-style)",
-                   "cpc": "contrastive predictive coding"}
-AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM", "backbone": "AutoModel"}
+                   "cpc": "contrastive predictive coding",
+                   "mae": "masked autoencoding of image patches (MAE)"}
+AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM", "backbone": "AutoModel",
+                "mae": "AutoModelForPreTraining"}
 
 
 @dataclass
@@ -31,7 +33,7 @@ class CardFacts:
     n_params: int
     license: str
     architecture: str  # transformers class name, or "lmssl TextBackbone" for an lmssl-format export
-    kind: str  # causal-lm | masked-lm | backbone | native
+    kind: str  # causal-lm | masked-lm | backbone | mae | native
     pipeline_tag: str | None
     checks: dict[str, float]  # name -> max |difference| found by the verification
     loss_curve: str | None  # file name inside the folder
@@ -66,6 +68,13 @@ def _usage(facts: CardFacts, name: str) -> str:
     if facts.load_snippet:
         return facts.load_snippet
     auto = AUTO_CLASSES[facts.kind]
+    if facts.kind == "mae":
+        lines = [f"from transformers import {auto}, AutoImageProcessor", "",
+                 f'processor = AutoImageProcessor.from_pretrained("{name}")',
+                 f'model = {auto}.from_pretrained("{name}")',
+                 'inputs = processor(images=image, return_tensors="pt")  # image: a PIL image',
+                 "out = model(**inputs)  # out.loss; out.logits: the pixels predicted for every patch"]
+        return "```python\n" + "\n".join(lines) + "\n```"
     lines = [f"from transformers import {auto}, AutoTokenizer", "",
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
              f'model = {auto}.from_pretrained("{name}")']
@@ -99,13 +108,19 @@ def render(facts: CardFacts, name: str) -> str:
     out += ["", "## How to use", "", _usage(facts, name), ""]
     if facts.notes:
         out += ["Notes:", ""] + [f"- {n}" for n in facts.notes] + [""]
-    out += ["## Training", "",
-            f"- objective: `{cfg.objective}`",
-            f"- data: {data_desc}",
-            f"- tokenizer: `{cfg.data.tokenizer}` ({m.vocab_size} tokens), sequences of {cfg.data.block_size} tokens",
-            f"- optimizer steps: {facts.step:,} ({cfg.train.micro_batch_size * cfg.train.grad_accum} sequences per "
-            "step on each process)",
-            f"- tokens seen: {facts.tokens_seen:,}",
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    if facts.kind == "mae":
+        v = cfg.vision
+        inputs = [f"- images: {v.image_size}x{v.image_size}, {v.patch_size}x{v.patch_size} patches, "
+                  f"{cfg.mae.mask_ratio:.0%} hidden from the encoder",
+                  f"- optimizer steps: {facts.step:,} ({per_step} images per step on each process)",
+                  f"- images seen: {facts.tokens_seen:,}"]
+    else:
+        inputs = [f"- tokenizer: `{cfg.data.tokenizer}` ({m.vocab_size} tokens), sequences of {cfg.data.block_size} "
+                  "tokens",
+                  f"- optimizer steps: {facts.step:,} ({per_step} sequences per step on each process)",
+                  f"- tokens seen: {facts.tokens_seen:,}"]
+    out += ["## Training", "", f"- objective: `{cfg.objective}`", f"- data: {data_desc}", *inputs,
             f"- run directory: `{facts.run_dir}`", ""]
     if facts.metrics:
         out += ["Final metrics:", "", "| metric | value |", "|---|---|"]

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lmssl.config import RunConfig, config_from_dict
+from lmssl.config import VISION_OBJECTIVES, RunConfig, config_from_dict
 from lmssl.errors import UserError
 from lmssl.export import native
 from lmssl.export.card import AUTO_CLASSES, CardFacts, render
@@ -68,7 +68,11 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
     out_dir = Path(out_dir)
     run_dir = Path(run_dir) if run_dir is not None else None
     _check_out_dir(out_dir, overwrite, run_dir)
+    images = cfg.objective in VISION_OBJECTIVES
     converter = None if lmssl_format else _converter_or_none(cfg, log)
+    if images and converter is None:
+        raise UserError(f"an image ({cfg.objective}) run exports only as its transformers twin (model.family=vit); "
+                        "this one has none, so use its checkpoint (model.safetensors in the run directory) directly")
     objective.float().eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -76,8 +80,11 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tokenizer.model_max_length = cfg.model.max_positions
-        _save_tokenizer(tokenizer, tmp)
+        if images:
+            _save_image_processor(cfg, tmp)
+        else:
+            tokenizer.model_max_length = cfg.model.max_positions
+            _save_tokenizer(tokenizer, tmp)
         if converter is None:
             native.save_native(objective, cfg, tmp)
             checks = {"backbone hidden states (lmssl reload)": _verify_native(objective, cfg, tokenizer, tmp)}
@@ -97,7 +104,7 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
                 hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
             n_params = hf.num_parameters()
             del hf
-            checks = verify(objective, conv, cfg, tokenizer, tmp)
+            checks = verify_mae(objective, cfg, tmp) if conv.kind == "mae" else verify(objective, conv, cfg, tokenizer, tmp)
             result = ExportResult(out_dir, conv.model_class.__name__, conv.kind, checks)
             pipeline_tag, notes = conv.pipeline_tag, conv.notes
         for name, diff in checks.items():
@@ -136,6 +143,8 @@ def _read_run(run_dir: Path) -> RunConfig:
         cfg = config_from_dict(json.loads(run_file.read_text())["config"])
     except (ValueError, KeyError):
         raise UserError(f"{run_file} is damaged (not the JSON lmssl writes); re-run the pretraining command") from None
+    if cfg.objective in VISION_OBJECTIVES:  # images: no tokenizer to ship
+        return cfg
     try:
         load_tokenizer(cfg.data.tokenizer)
     except UserError as e:
@@ -179,6 +188,19 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
     from lmssl.data.tokenizer import _save  # save_pretrained + the class name both transformers 4 and 5 load
 
     _save(tokenizer, folder)
+
+
+def _save_image_processor(cfg: RunConfig, folder: Path) -> None:
+    """What turns a PIL image into the model's input: resize to the training size, scale to
+    [0, 1], normalise with the run's mean and std."""
+    from transformers import ViTImageProcessor
+
+    v = cfg.vision
+    with quiet_transformers():  # "torchvision not installed: the PIL backend is used" is fine here
+        processor = ViTImageProcessor(do_resize=True, size={"height": v.image_size, "width": v.image_size}, resample=3,
+                                      do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                      image_mean=list(v.mean), image_std=list(v.std))
+    processor.save_pretrained(str(folder))
 
 
 @contextmanager
@@ -273,6 +295,30 @@ def verify(objective: nn.Module, conv: Converted, cfg: RunConfig, tokenizer, fol
         model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
         theirs = model(input_ids=ids, attention_mask=mask).last_hidden_state
         checks["hidden states (AutoModel)"] = _max_diff(hidden, theirs, mask)
+    return checks
+
+
+@torch.no_grad()
+def verify_mae(objective: nn.Module, cfg: RunConfig, folder: Path) -> dict[str, float]:
+    """Reload ``folder`` (``AutoModelForPreTraining``, ``AutoModel``) and compare with the lmssl
+    MAE on two random images under one mask (ViTMAE's ``noise`` argument), in float32."""
+    import transformers
+
+    v = cfg.vision
+    images = torch.randn(2, v.channels, v.image_size, v.image_size, generator=torch.Generator().manual_seed(1234))
+    keep_idx, restore_idx = objective.draw_mask(2, torch.Generator().manual_seed(99))
+    noise = torch.rand(2, objective.encoder.num_patches, generator=torch.Generator().manual_seed(99))  # the same draw
+    checks = {}
+    with quiet_transformers():
+        model = transformers.AutoModelForPreTraining.from_pretrained(str(folder), dtype=torch.float32).eval()
+        ours = objective.pred(objective.decode(images, keep_idx, restore_idx))  # (B, N, p*p*C)
+        theirs = model(pixel_values=images, noise=noise).logits
+        checks[f"pixel predictions ({type(model).__name__})"] = float((ours - theirs).abs().max())
+        del model
+        model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+        theirs = model(pixel_values=images, noise=noise).last_hidden_state  # (B, 1 + K, dim)
+        checks["encoder hidden states (AutoModel)"] = float((objective.encoder(images, keep_idx) - theirs).abs().max())
+        transformers.AutoImageProcessor.from_pretrained(str(folder))  # loads
     return checks
 
 

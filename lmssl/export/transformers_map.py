@@ -9,10 +9,7 @@ dict whose names and shapes that class expects. Converters are registered per
     clm + llama  -> LlamaForCausalLM  (AutoModelForCausalLM)
     mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
     cpc + bert   -> BertModel         (the segment encoder; the context network has no twin)
-
-An MAE (``lmssl.objectives.mae``) maps onto ``ViTMAEForPreTraining`` with
-:func:`vit_mae_pretraining`; it is not registered yet, since ``lmssl pretrain`` makes no
-image runs to export.
+    mae + vit    -> ViTMAEForPreTraining (AutoModelForPreTraining; AutoModel gives ViTMAEModel)
 
 Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
 LlamaModel, BertModel). An objective whose useful product is the backbone alone (CPC)
@@ -68,7 +65,7 @@ class Converted:
 
 Converter = Callable[[nn.Module, RunConfig, object], Converted]
 REGISTRY: dict[tuple[str, str], tuple[Converter, bool]] = {}  # (objective, family) -> (converter, maps a head)
-FAMILIES = ("gpt2", "llama", "bert", "custom")
+FAMILIES = ("gpt2", "llama", "bert", "vit", "custom")
 
 
 def register(objective: str, family: str, head: bool = True) -> Callable[[Converter], Converter]:
@@ -130,11 +127,14 @@ _FIXED: dict[str, dict[str, object]] = {
                   embedding_norm=False, causal=True),
     "bert": dict(norm="layernorm", norm_position="post", gated_mlp=False, positions="learned", bias=True,
                  embedding_norm=True, causal=False),
+    "vit": dict(norm="layernorm", norm_position="pre", gated_mlp=False, positions="sincos", bias=True,
+                type_vocab_size=0, embedding_norm=False, causal=False),
 }
 _FIXED_HEAD: dict[str, dict[str, object]] = {
     "gpt2": dict(head_transform=False, head_bias=False),
     "llama": dict(head_transform=False, head_bias=False),
     "bert": dict(head_transform=True),
+    "vit": {},
 }
 
 
@@ -146,7 +146,7 @@ def check_family(m: ModelConfig, head: bool = True) -> list[str]:
     fixed = {**_FIXED[m.family], **(_FIXED_HEAD[m.family] if head else {})}
     problems = [f"model.{k}={getattr(m, k)!r} but {m.family} needs {v!r}"
                 for k, v in fixed.items() if getattr(m, k) != v]
-    if m.family in ("gpt2", "bert") and m.n_kv_heads not in (0, m.n_heads):
+    if m.family in ("gpt2", "bert", "vit") and m.n_kv_heads not in (0, m.n_heads):
         problems.append(f"model.n_kv_heads={m.n_kv_heads} (grouped-query attention) but {m.family} has one "
                         "key/value head per query head")
     if m.dim % m.n_heads:
@@ -448,3 +448,18 @@ def vit_mae_pretraining(objective: nn.Module) -> tuple[object, dict[str, torch.T
     out |= _blocks(s, m, "encoder.core.blocks.", "vit.layers.", _VIT_LAYER)
     out |= _blocks(s, objective.decoder_cfg, "decoder.blocks.", "decoder.decoder_layers.", _VIT_LAYER)
     return vit_mae_config(m, vision, mae), out
+
+
+@register("mae", "vit")
+def mae_vit(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """MAE: encoder, decoder and pixel head as ``ViTMAEForPreTraining`` (no tokenizer: images)."""
+    import transformers
+
+    config, sd = vit_mae_pretraining(objective)
+    n = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    notes = [f"`AutoModel` loads the encoder (`ViTMAEModel`), which hides {cfg.mae.mask_ratio:.0%} of the patches at "
+             "random on every call, as in pretraining. For features of whole images in patch order, set "
+             f"`model.config.mask_ratio = 0.0` and pass `noise=torch.arange({n}.0).expand(batch_size, -1)`",
+             "the image processor resizes to the training size without cropping; lmssl's held-out images were the "
+             "largest centred square, resized"]
+    return Converted(transformers.ViTMAEForPreTraining, config, sd, "mae", "image-feature-extraction", notes)

@@ -297,3 +297,54 @@ def test_cpc_encoder_exports_to_bertmodel(tmp_path):
         z, _ = objective.encode(ids)  # (2, 3, dim)
         h = model(input_ids=ids.reshape(6, 8)).last_hidden_state.mean(dim=1).view(2, 3, -1)
     assert float((z - h).abs().max()) < TOL
+
+
+def test_mae_run_exports_to_vit_mae_and_its_image_processor(tmp_path, capsys):
+    """An image run: ViTMAEForPreTraining with the same loss and predictions under one mask,
+    ViTMAEModel whole-image features, and a processor that prepares images as lmssl does."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForPreTraining
+
+    from lmssl.config import load_config
+    from lmssl.train.loop import train
+    from tests.data.test_images import write_images
+    from tests.objectives.test_mae import SMALL
+
+    paths = write_images(tmp_path / "imgs", 24, size=(32, 32))
+    run = tmp_path / "run"
+    train(load_config(None, SMALL + ["objective=mae", f"data.train_files={tmp_path / 'imgs'}", f"train.output_dir={run}",
+                                     "data.validation_fraction=0.25", "train.max_steps=3", "train.micro_batch_size=8",
+                                     "train.progress=false"]))
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    assert "ViTMAEForPreTraining" in capsys.readouterr().out
+    objective, cfg, _ = load_run(run)
+    hf = AutoModelForPreTraining.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == "ViTMAEForPreTraining"
+
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = objective.prepare_batch({"pixel_values": images}, torch.Generator().manual_seed(5))
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(5))  # the draw random_keep made
+    with torch.no_grad():
+        ours = objective(batch)[0]
+        theirs = hf(pixel_values=images, noise=noise).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+    encoder = AutoModel.from_pretrained(str(out)).eval()
+    encoder.config.mask_ratio = 0.0  # as the card says: whole-image features, in patch order
+    in_order = torch.arange(64.0).expand(3, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixel_values=images, noise=in_order).last_hidden_state,
+                                   objective.encoder(images), rtol=1e-4, atol=1e-4)
+
+    processor = AutoImageProcessor.from_pretrained(str(out))
+    pil = Image.open(paths[0]).convert("RGB")
+    from lmssl.data.images import ImageSamples
+
+    ours_pixels = ImageSamples([{"image": pil}], cfg.vision, 0, augment=False).transform(pil, 0)
+    theirs_pixels = processor(images=pil, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(theirs_pixels, ours_pixels, rtol=0, atol=1e-5)
+    readme = (out / "README.md").read_text()
+    assert "AutoModelForPreTraining" in readme and "images seen: 24" in readme and "torch.arange(64.0)" in readme
+    assert _front_matter(readme)["pipeline_tag"] == "image-feature-extraction"
+    assert json.loads((out / "config.json").read_text())["mask_ratio"] == cfg.mae.mask_ratio
