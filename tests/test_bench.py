@@ -37,7 +37,7 @@ def test_bench_mae_smoke(tmp_path, capsys):
                  "--warmup", "1", "--batch-size", "4", "--json", str(out)])
     assert code == 0
     r = json.loads(out.read_text())
-    assert r["unit"] == "images" and r["data"] is None
+    assert r["unit"] == "images" and r["data"]["collate_s_per_batch"] > 0 and r["data"]["image_side"] == 40
     assert r["reference"]["name"] == "ViTMAEForPreTraining" and r["baseline"]["name"] == "full-sequence encoder"
     for side in ("lmssl", "reference", "baseline"):
         assert r[side]["images_per_s"] > 0 and len(r[side]["round_s"]) == 2

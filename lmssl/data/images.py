@@ -9,7 +9,7 @@ else every ``round(1 / data.validation_fraction)``-th training image is held out
 Samples are addressed by the global sample cursor (:mod:`lmssl.data.batches`): position
 ``g`` is image ``order(epoch)[g mod n]`` of a per-epoch permutation seeded by
 ``(train.seed, epoch)``, and its random crop and flip are drawn from a generator seeded by
-``(train.seed, g)``. A resumed run therefore sees exactly the images, crops and flips it
+``train.seed`` and ``g``. A resumed run therefore sees exactly the images, crops and flips it
 would have seen. Training images get MAE's augmentation: a random crop of
 ``vision.crop_min_scale``-100% of the area with aspect ratio 3/4-4/3, resized to
 ``vision.image_size``, and a left-right flip half of the time. Held-out images are the
@@ -23,6 +23,7 @@ Decoding and resizing run in the training process (PIL). That keeps up with smal
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,17 +119,19 @@ class ImageSamples:
         positions = range(cursor, cursor + count)
         ids = [int(self.order(g // self.n)[g % self.n]) if self.augment else g % self.n for g in positions]
         images = self.ds[ids]["image"]
-        return {"pixel_values": torch.stack([self.transform(img, g) for img, g in zip(images, positions)])}
+        pixels = np.stack([self.transform(img, g) for img, g in zip(images, positions)])  # (B, S, S[, C]) uint8
+        return {"pixel_values": self.normalize(torch.from_numpy(pixels))}
 
-    def transform(self, img, position: int) -> torch.Tensor:
-        """One PIL image -> ``(C, S, S)`` normalised; augmented with draws seeded by ``position``."""
+    def transform(self, img, position: int) -> np.ndarray:
+        """One PIL image -> ``(S, S, C)`` (or ``(S, S)`` greyscale) uint8, cropped, resized and,
+        when augmenting, flipped with draws seeded by ``position``."""
         from PIL import Image
 
         v = self.vision
         img = img.convert("RGB" if v.channels == 3 else "L")
         S = v.image_size
         if self.augment:
-            rng = np.random.default_rng([self.seed, position])
+            rng = random.Random((self.seed << 48) + position)  # cheap to seed, unlike numpy's generators
             box = random_crop_box(img.size, v.crop_min_scale, rng)
             flip = v.hflip and rng.random() < 0.5
         else:
@@ -136,9 +139,14 @@ class ImageSamples:
         img = img.resize((S, S), Image.BICUBIC, box=box)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255.0)
-        x = x.permute(2, 0, 1) if x.dim() == 3 else x[None]  # (C, S, S)
-        return (x - self._mean) / self._std
+        return np.asarray(img, dtype=np.uint8)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, S, S, C)`` or ``(B, S, S)`` -> float32 ``(B, C, S, S)``, scaled to [0, 1]
+        and normalised per channel."""
+        x = pixels.float().div_(255.0)
+        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]
+        return ((x - self._mean) / self._std).contiguous()
 
 
 def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -149,7 +157,7 @@ def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def random_crop_box(size: tuple[int, int], min_scale: float, rng: np.random.Generator,
+def random_crop_box(size: tuple[int, int], min_scale: float, rng: random.Random,
                     ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """A random crop (PIL box) of ``min_scale``-100% of the area, aspect ratio in ``ratio``
     (log-uniform); after 10 draws that do not fit, the centred square."""
@@ -159,7 +167,7 @@ def random_crop_box(size: tuple[int, int], min_scale: float, rng: np.random.Gene
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= W and 0 < h <= H:
-            left, top = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+            left, top = rng.randint(0, W - w), rng.randint(0, H - h)
             return left, top, left + w, top + h
     return center_square(size)
 

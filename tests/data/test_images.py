@@ -3,6 +3,8 @@ normalisation, and augmentation that a resumed run replays exactly."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -63,7 +65,7 @@ def test_augmentation_is_a_function_of_the_cursor(tmp_path):
 
 
 def test_crop_boxes():
-    rng = np.random.default_rng(0)
+    rng = random.Random(0)
     for _ in range(200):
         left, top, right, bottom = random_crop_box((40, 30), 0.2, rng)
         assert 0 <= left < right <= 40 and 0 <= top < bottom <= 30

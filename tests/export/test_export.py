@@ -341,7 +341,8 @@ def test_mae_run_exports_to_vit_mae_and_its_image_processor(tmp_path, capsys):
     pil = Image.open(paths[0]).convert("RGB")
     from lmssl.data.images import ImageSamples
 
-    ours_pixels = ImageSamples([{"image": pil}], cfg.vision, 0, augment=False).transform(pil, 0)
+    samples = ImageSamples([{"image": pil}], cfg.vision, 0, augment=False)
+    ours_pixels = samples.normalize(torch.from_numpy(samples.transform(pil, 0))[None])[0]
     theirs_pixels = processor(images=pil, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(theirs_pixels, ours_pixels, rtol=0, atol=1e-5)
     readme = (out / "README.md").read_text()
