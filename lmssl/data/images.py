@@ -139,7 +139,7 @@ class ImageSamples:
         img = img.resize((S, S), Image.BICUBIC, box=box)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, S, S, C)`` or ``(B, S, S)`` -> float32 ``(B, C, S, S)``, scaled to [0, 1]
