@@ -60,12 +60,7 @@ def plot_loss_curve(log_path: Path, out_png: Path, title: str) -> Path | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return _save_figure(fig, out_png)
 
 
 def plot_reconstructions(images, hidden, reconstruction, mean: list[float], std: list[float], out_png: Path,
@@ -99,6 +94,13 @@ def plot_reconstructions(images, hidden, reconstruction, mean: list[float], std:
             if i == 0:
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
+    return _save_figure(fig, out_png)
+
+
+def _save_figure(fig, out_png: Path) -> Path:
+    """Lay out, write next to ``out_png`` and move into place (a reader never sees half a PNG)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp)
