@@ -48,6 +48,9 @@ def load_images(cfg: RunConfig, split: str):
 
     datasets.disable_progress_bars()
     d = cfg.data
+    if d.streaming:
+        raise UserError("data.streaming=true is for text; image datasets are read with random access (drop it, or "
+                        "point data.train_files at a local copy)")
     holdout = False
     if d.train_files:
         if split == "validation" and d.validation_files:

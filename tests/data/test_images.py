@@ -64,6 +64,13 @@ def test_augmentation_is_a_function_of_the_cursor(tmp_path):
     assert torch.equal(a.eval_batches[0]["pixel_values"], b.eval_batches[0]["pixel_values"])
 
 
+def test_greyscale_images(tmp_path):
+    write_images(tmp_path / "imgs", 8)
+    cfg = image_cfg(tmp_path / "imgs", "vision.channels=1", "vision.mean=[0.5]", "vision.std=[0.25]")
+    x = micro_batch(build_image_data(cfg, log=lambda m: None), cfg, 0, 0, 0, 1)[0]["pixel_values"]
+    assert x.shape == (4, 1, 16, 16) and -2.0 - 1e-6 <= x.min() and x.max() <= 2.0 + 1e-6
+
+
 def test_crop_boxes():
     rng = random.Random(0)
     for _ in range(200):
@@ -83,3 +90,7 @@ def test_missing_images_and_columns_are_one_clear_error(tmp_path):
     write_images(tmp_path / "imgs", 4)
     with pytest.raises(UserError, match="vision.channels must be 1 or 3"):
         image_cfg(tmp_path / "imgs", "vision.channels=2")
+    with pytest.raises(UserError, match="one value per channel"):
+        image_cfg(tmp_path / "imgs", "vision.channels=1")  # ImageNet's three means left in place
+    with pytest.raises(UserError, match="data.streaming=true is for text"):
+        build_image_data(image_cfg(tmp_path / "imgs", "data.streaming=true"))
