@@ -92,21 +92,23 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def print_summary(cfg, result: dict) -> None:
+    unit = "images" if "images_seen" in result else "tokens"
     lines = ["", f"== {cfg.objective} run {cfg.train.output_dir}: step {result['step']}, "
-                 f"{result.get('tokens_seen', 0):,} tokens seen =="]
+                 f"{result.get(f'{unit}_seen', 0):,} {unit} seen =="]
     named = {"eval_loss": "held-out loss", "eval_perplexity": "perplexity", "eval_bits_per_byte": "bits per byte",
              "eval_accuracy": "masked-token accuracy" if cfg.objective == "mlm" else "held-out accuracy"}
     # every held-out metric the objective reports (CPC adds one accuracy per offset), then speed
     keys = list(named) + sorted(k for k in result if k.startswith("eval_") and k not in named)
-    for key in keys + ["tokens_per_s", "mfu"]:
+    speed = f"{unit}_per_s"
+    for key in keys + [speed, "mfu"]:
         if key not in result or not isinstance(result[key], (int, float)):
             continue
         value = result[key]
-        label = named.get(key) or {"tokens_per_s": "tokens/s (last window)", "mfu": "MFU"}.get(key) or \
+        label = named.get(key) or {speed: f"{unit}/s (last window)", "mfu": "MFU"}.get(key) or \
             "held-out " + key[len("eval_"):].replace("_", " ")
         if key == "mfu" or "acc" in key or "chance" in key:
             lines.append(f"  {label:<24} {value:.2%}")
-        elif key == "tokens_per_s" or key.endswith("tokens"):
+        elif key == speed or key.endswith("tokens"):
             lines.append(f"  {label:<24} {value:,.0f}")
         else:
             lines.append(f"  {label:<24} {value:,.4f}")

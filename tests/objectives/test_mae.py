@@ -4,6 +4,7 @@ patch and position helpers it is built from."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -213,17 +214,22 @@ def test_pretrain_mae_on_an_image_folder_then_resume(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 71))
 
 
-def test_shipped_cifar10_recipe_runs_on_a_local_folder(tmp_path):
-    """The recipe as shipped, with its Hub dataset swapped for local images (no network here)."""
-    from lmssl.train.loop import train
+def test_shipped_cifar10_recipe_runs_on_a_local_folder(tmp_path, capsys):
+    """The recipe as shipped, through the `lmssl pretrain` command, with its Hub dataset
+    swapped for local images (no network here)."""
+    from lmssl.cli import main
     from tests.conftest import ROOT
     from tests.data.test_images import write_images
 
     write_images(tmp_path / "imgs", 24, size=(36, 36))
-    cfg = load_config(ROOT / "recipes" / "mae_cifar10.yaml",
-                      ["data.dataset=", f"data.train_files={tmp_path / 'imgs'}", "data.validation_fraction=0.25",
-                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.micro_batch_size=4",
-                       "train.progress=false"])
+    recipe = ROOT / "recipes" / "mae_cifar10.yaml"
+    overrides = ["data.dataset=", f"data.train_files={tmp_path / 'imgs'}", "data.validation_fraction=0.25",
+                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.micro_batch_size=4",
+                 "train.progress=false"]
+    cfg = load_config(recipe, overrides)
     assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.mae.decoder_dim) == (32, 4, 128)
-    result = train(cfg)
-    assert result["step"] == 2 and result["images_seen"] == 8 and math.isfinite(result["eval_loss"])
+    assert main(["pretrain", str(recipe), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "step 2, 8 images seen" in out and "images/s (last window)" in out and "reconstructions.png" in out
+    metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert math.isfinite(metrics["eval_loss"]) and metrics["images_seen"] == 8
