@@ -17,14 +17,12 @@ a learned mask token (the ablation in the MAE paper, and the "full-sequence enco
 ``ViTMAEForPreTraining`` computes the same function: given the same weights and the
 same noise it returns the same loss (``tests/objectives/test_mae.py``).
 
-Used from Python (and by ``lmssl bench mae``)::
+``lmssl pretrain recipes/mae_cifar10.yaml`` trains it (images from
+:mod:`lmssl.data.images`); from Python it is a module like the text objectives::
 
-    cfg = load_config(None, ["model.preset=vit_tiny", "vision.image_size=32", "vision.patch_size=4"])
-    mae = MAE(cfg.model, cfg.vision, cfg.mae)
-    loss, metrics = mae({"pixel_values": images})  # images (B, 3, 32, 32)
-
-``lmssl pretrain`` has no image data pipeline yet; this objective is trained from your
-own loop or data loader until it does.
+    cfg = load_config("recipes/mae_cifar10.yaml")
+    mae = build(cfg)
+    loss, metrics = mae({"pixel_values": images})  # images (B, 3, 32, 32), normalised
 """
 
 from __future__ import annotations

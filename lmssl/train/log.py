@@ -39,7 +39,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_loss_curve(log_path: Path, out_png: Path, title: str) -> Path | None:
+def plot_loss_curve(log_path: Path, out_png: Path, title: str, ylabel: str = "loss (nats/token)") -> Path | None:
     """Training loss (and held-out loss where evaluated) against step, as a PNG."""
     rows = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r.get("kind", "train") == "train"]
@@ -56,7 +56,7 @@ def plot_loss_curve(log_path: Path, out_png: Path, title: str) -> Path | None:
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out loss", lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -242,7 +242,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             log(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in ev.items()))
             state.metrics.update({f"eval_{k}": v for k, v in ev.items()})
             if is_main:
-                plot_loss_curve(out / "log.jsonl", out / "loss_curve.png", f"{cfg.objective}: {out.name}")
+                plot_loss_curve(out / "log.jsonl", out / "loss_curve.png", f"{cfg.objective}: {out.name}",
+                                "loss (pixel MSE)" if images else "loss (nats/token)")
 
         stopping = bool(health[2] > 0)
         if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last_step or stopping:
