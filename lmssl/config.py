@@ -138,6 +138,7 @@ class VisionConfig:
     patch_size: int = 16  # square patches; each becomes one token
     channels: int = 3  # colour channels (3: RGB, 1: greyscale)
     image_column: str = "image"  # column holding the images in a Hugging Face dataset (CIFAR-10: img)
+    label_column: str = "label"  # class labels, for lmssl probe (image folders: one sub-folder per class)
     crop_min_scale: float = 0.2  # training crops cover a random 20-100% of the image's area, then are resized
     hflip: bool = True  # flip training images left-right half of the time
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel normalisation (ImageNet's)

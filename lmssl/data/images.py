@@ -41,9 +41,10 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_images(cfg: RunConfig, split: str):
+def load_images(cfg: RunConfig, split: str, labels: bool = False):
     """The ``split`` ('train' or 'validation') images as a ``datasets.Dataset`` with one
-    image column, ``image`` (decoded to PIL on access)."""
+    image column, ``image`` (decoded to PIL on access), and with ``labels`` a ``label``
+    column too (``vision.label_column``; image folders: the sub-folder names)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -63,7 +64,7 @@ def load_images(cfg: RunConfig, split: str):
         except Exception as e:  # datasets raises many types for unreadable files
             raise UserError(f"could not read the images in data.train_files ({files[0]}, ...): "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        column = "image"
+        column, label_column = "image", "label"
     elif d.dataset:
         hub_split = d.train_split if split == "train" else (d.validation_split or d.train_split)
         holdout = not d.validation_split
@@ -73,7 +74,7 @@ def load_images(cfg: RunConfig, split: str):
             raise UserError(f"could not load dataset '{d.dataset}' ({d.dataset_config or 'default'}, split "
                             f"'{hub_split}'): {str(e).splitlines()[0] if str(e) else type(e).__name__}; check the "
                             "name and your network, or point data.train_files at local images") from None
-        column = cfg.vision.image_column
+        column, label_column = cfg.vision.image_column, cfg.vision.label_column
     else:
         raise UserError(f"the {cfg.objective} objective trains on images: set data.train_files to image files or "
                         "folders, or data.dataset to a Hugging Face image dataset (e.g. data.dataset=uoft-cs/cifar10 "
@@ -81,9 +82,14 @@ def load_images(cfg: RunConfig, split: str):
     if column not in ds.column_names:
         raise UserError(f"image column '{column}' not found; the data has columns {ds.column_names}: "
                         "set vision.image_column")
-    ds = ds.select_columns([column])
+    if labels and label_column not in ds.column_names:
+        raise UserError(f"no label column '{label_column}' in the images (columns: {ds.column_names}): put the images "
+                        "in one sub-folder per class, or set vision.label_column")
+    ds = ds.select_columns([column, label_column] if labels else [column])
     if column != "image":
         ds = ds.rename_column(column, "image")
+    if labels and label_column != "label":
+        ds = ds.rename_column(label_column, "label")
     if holdout:
         every = max(2, round(1 / max(d.validation_fraction, 1e-6)))
         ids = np.arange(len(ds))
@@ -192,3 +198,17 @@ def build_image_data(cfg: RunConfig, log=print) -> ImageData:
     eval_batches = [val.batch_at(i, min(mb, n - i)) for i in range(0, n, mb)]
     log(f"images: {len(train_ds):,} for training, {n:,} held out for evaluation")
     return ImageData(ImageSamples(train_ds, cfg.vision, cfg.train.seed, augment=True), eval_batches, len(train_ds))
+
+
+def labelled_images(cfg: RunConfig, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The first ``limit`` (0: all) images of ``split``, prepared as held-out images are (no
+    augmentation), with their labels: ``(pixels (N, C, S, S), labels (N,), class names)``."""
+    ds = load_images(cfg, split, labels=True)
+    n = len(ds) if limit <= 0 else min(limit, len(ds))
+    samples = ImageSamples(ds, cfg.vision, cfg.train.seed, augment=False)
+    pixels = torch.cat([samples.batch_at(i, min(256, n - i))["pixel_values"] for i in range(0, n, 256)])
+    feature = ds.features["label"]
+    names = list(feature.names) if hasattr(feature, "names") else sorted({str(v) for v in ds["label"]})
+    raw = ds["label"][:n]
+    labels = torch.tensor(raw if hasattr(feature, "names") else [names.index(str(v)) for v in raw])
+    return pixels, labels, names

@@ -2,8 +2,8 @@
 
 ``lmssl probe RUN_DIR [--seeds 0 1 2] [--train-file F --validation-file F]``
 
-Works for any text run. The run's objective is rebuilt from its latest checkpoint and
-turned into a feature extractor ``texts -> (N, dim)`` by :func:`feature_fn`:
+Works for any run. The run's objective is rebuilt from its latest checkpoint and turned
+into a feature extractor. Text runs, ``texts -> (N, dim)`` by :func:`feature_fn`:
 
 - an objective with a ``features(input_ids, attention_mask)`` method (CPC) provides its
   own (for CPC, the mean of the context vectors);
@@ -23,6 +23,11 @@ probe's initialisation and mini-batch order; the features are fixed.
 Data: the bundled genre task (``lmssl/data/corpus/genre_*.jsonl``: which division of the
 Bible a 3-verse passage comes from, 6 classes) or local files with ``text`` and ``label``
 columns, read by the same loader as ``lmssl finetune``.
+
+Image runs (MAE) are probed on their own data's labels (``vision.label_column``; image
+folders: one sub-folder per class), training and validation splits as in pretraining,
+images prepared as held-out images are (no augmentation). The feature of an image is the
+mean of the encoder's patch states with every patch visible.
 """
 
 from __future__ import annotations
@@ -171,7 +176,7 @@ def random_init(cfg, tokenizer, seed: int) -> nn.Module:
 
 def probe_run(run_dir: str, seeds: list[int] | tuple[int, ...] = (0, 1, 2), train_file: str | None = None,
               validation_file: str | None = None, device: str | torch.device | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, max_images: int = 10000) -> dict[str, Any]:
     """Linear-probe accuracy of a run's frozen features and of the same network at initialisation.
 
     Returns a dict with ``run`` and ``random`` (validation accuracy per seed, in ``seeds``
@@ -187,8 +192,10 @@ def probe_run(run_dir: str, seeds: list[int] | tuple[int, ...] = (0, 1, 2), trai
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     objective, cfg, tokenizer = load_run(run_dir, device)
     if tokenizer is None:
-        raise UserError(f"{run_dir} is a '{cfg.objective}' run on images; lmssl probe measures text features "
-                        "(GPT, BERT or CPC runs)")
+        if train_file or validation_file:
+            raise UserError("--train-file/--validation-file are for text runs; an image run is probed on the labels of "
+                            "its own data (vision.label_column)")
+        return _probe_images(run_dir, objective, cfg, seeds, device, max_images, log)
     task = load_probe_task(train_file, validation_file, log=log)
     max_len = min(cfg.data.block_size, cfg.model.max_positions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -206,17 +213,48 @@ def probe_run(run_dir: str, seeds: list[int] | tuple[int, ...] = (0, 1, 2), trai
     run_feats = features_of(objective)
     del objective
     random_feats = features_of(random_init(cfg, tokenizer, cfg.train.seed))
+    return _compare(run_dir, cfg.objective, description, task["source"], task["classes"], run_feats, random_feats, y,
+                    seeds, "texts")
+
+
+def _compare(run_dir, objective: str, description: str, source: str, classes: list[str],
+             run_feats: dict[str, torch.Tensor], random_feats: dict[str, torch.Tensor], y: dict[str, torch.Tensor],
+             seeds: list[int], unit: str) -> dict[str, Any]:
+    """The probe on the run's features and on its initialisation's, per seed; the result dict."""
     accs = {name: [train_probe(f["train"], y["train"], f["validation"], y["validation"], seed) for seed in seeds]
             for name, f in (("run", run_feats), ("random", random_feats))}
     majority = float(torch.bincount(y["validation"]).max()) / len(y["validation"])  # best constant answer
     result: dict[str, Any] = {
-        "run_dir": str(run_dir), "objective": cfg.objective, "feature": description, "source": task["source"],
-        "classes": task["classes"], "n_train": len(ids["train"]), "n_validation": len(ids["validation"]),
+        "run_dir": str(run_dir), "objective": objective, "feature": description, "source": source,
+        "classes": classes, "n_train": len(y["train"]), "n_validation": len(y["validation"]), "unit": unit,
         "dim": int(run_feats["train"].shape[1]), "seeds": seeds, "run": accs["run"], "random": accs["random"],
         "run_mean": float(np.mean(accs["run"])), "random_mean": float(np.mean(accs["random"])), "majority": majority,
     }
     result["table"] = format_table(result)
     return result
+
+
+def _probe_images(run_dir, objective: nn.Module, cfg, seeds: list[int], device: torch.device, max_images: int,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    from lmssl.data.images import labelled_images
+
+    data = {s: labelled_images(cfg, s, max_images) for s in ("train", "validation")}
+    y = {s: data[s][1] for s in data}
+    classes = data["train"][2]
+
+    @torch.no_grad()
+    def features_of(model: nn.Module) -> dict[str, torch.Tensor]:
+        model.to(device).eval()
+        return {s: torch.cat([model.encoder(x.to(device))[:, 1:].mean(dim=1).float().cpu()  # (b, dim)
+                              for x in data[s][0].split(256)]) for s in data}
+
+    log(f"extracting features of {run_dir} ({cfg.objective}) and of its initialisation on "
+        f"{len(y['train'])} + {len(y['validation'])} images")
+    run_feats = features_of(objective)
+    random_feats = features_of(random_init(cfg, None, cfg.train.seed))
+    source = cfg.data.dataset or "images in " + ", ".join(cfg.data.train_files)
+    return _compare(run_dir, cfg.objective, "mean of the encoder's patch states, every patch visible", source,
+                    classes, run_feats, random_feats, y, seeds, "images")
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -225,7 +263,7 @@ def format_table(r: dict[str, Any]) -> str:
 
     lines = [f"linear probe of {r['run_dir']} ({r['objective']}): {r['feature']}, dim {r['dim']}",
              f"task: {r['source']}; {len(r['classes'])} classes, {r['n_train']} train / {r['n_validation']} "
-             "validation texts",
+             f"validation {r.get('unit', 'texts')}",
              f"  {'seed':<6}{'run features':>16}{'random init':>16}"]
     for seed, a, b in zip(r["seeds"], r["run"], r["random"]):
         lines.append(f"  {seed:<6}{a:>16.1%}{b:>16.1%}")
@@ -238,16 +276,19 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run's train.output_dir (clm, mlm or cpc)")
+    parser.add_argument("run_dir", help="a run's train.output_dir (clm, mlm, cpc or mae)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (default: 0 1 2)")
     parser.add_argument("--train-file", default=None,
                         help="labelled .jsonl/.json/.csv/.parquet with text and label columns (default: the bundled genre task)")
     parser.add_argument("--validation-file", default=None,
                         help="held-out file of the same kind (default: the task's validation split, or 10%% of train)")
+    parser.add_argument("--max-images", type=int, default=10000,
+                        help="image runs: at most this many images per split (default 10000)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = probe_run(args.run_dir, args.seeds, args.train_file, args.validation_file, args.device)
+    result = probe_run(args.run_dir, args.seeds, args.train_file, args.validation_file, args.device,
+                       max_images=args.max_images)
     print(result["table"])
     return 0

@@ -17,13 +17,14 @@ from lmssl.errors import UserError
 
 
 def write_images(folder, n: int, size: tuple[int, int] = (40, 36), seed: int = 0) -> list:
-    """``n`` PNGs: a random colour plus a left-to-right ramp each (in two class folders)."""
+    """``n`` PNGs: a random colour plus a left-to-right ramp each, in two class folders by
+    the ramp's direction (class0 brightens to the right, class1 darkens)."""
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
         W, H = size
         base = rng.uniform(40, 215, size=3)
-        ramp = np.linspace(-40, 40, W) * rng.uniform(-1, 1)
+        ramp = np.linspace(-40, 40, W) * rng.uniform(0.3, 1.0) * (1 if i % 2 == 0 else -1)
         pixels = np.clip(base[None, None, :] + ramp[None, :, None], 0, 255).repeat(H, axis=0).astype(np.uint8)
         path = folder / f"class{i % 2}" / f"img{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

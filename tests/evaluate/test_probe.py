@@ -85,3 +85,22 @@ def test_probe_learns_a_separable_task():
     y = torch.randint(0, 3, (300,), generator=g)
     x = torch.randn(300, 16, generator=g) + 5.0 * torch.nn.functional.one_hot(y, 16).float()
     assert train_probe(x[:200], y[:200], x[200:], y[200:], seed=0) > 0.95
+
+
+def test_probe_of_an_image_run_uses_its_labelled_folders(tmp_path, capsys):
+    """An MAE run is probed on the labels of its own image folders (one sub-folder per class)."""
+    from tests.data.test_images import write_images
+    from tests.objectives.test_mae import SMALL
+
+    write_images(tmp_path / "imgs", 64, size=(32, 32))  # class = the direction of each image's ramp
+    run = tmp_path / "run"
+    train(load_config(None, SMALL + ["objective=mae", f"data.train_files={tmp_path / 'imgs'}", f"train.output_dir={run}",
+                                     "data.validation_fraction=0.25", "train.max_steps=5", "train.micro_batch_size=16",
+                                     "train.progress=false"]))
+    r = probe_run(str(run), seeds=[0, 1], log=lambda m: None)
+    assert (r["unit"], r["n_train"], r["n_validation"], r["classes"]) == ("images", 48, 16, ["class0", "class1"])
+    assert r["dim"] == 64 and len(r["run"]) == len(r["random"]) == 2
+    assert r["run_mean"] > r["majority"] + 0.2  # the ramp's direction is readable from the features
+    assert "validation images" in r["table"]
+    assert cli_main(["probe", str(run), "--train-file", str(ROOT / "README.md")]) == 2
+    assert "are for text runs" in capsys.readouterr().err
