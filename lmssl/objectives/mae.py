@@ -108,7 +108,7 @@ class MAE(nn.Module):
         else:
             enc = self.encoder
             tokens = enc.patches(enc.patchify(images))  # (B, N, dim)
-            hidden = torch.ones(B, N, dtype=torch.bool, device=images.device).scatter_(1, keep_idx, False)
+            hidden = hidden_mask(keep_idx, N)  # (B, N)
             tokens = torch.where(hidden[..., None], self.encoder_mask_token.to(tokens.dtype), tokens)
             y = self.decoder_embed(enc.encode(tokens + enc.positions.to(tokens.dtype)))  # (B, 1 + N, d)
             patches = y[:, 1:]
@@ -137,7 +137,7 @@ class MAE(nn.Module):
         if self.mae.norm_pix_loss:
             mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
             pred = pred * (var + 1e-6).sqrt() + mean
-        hidden = torch.ones(patches.shape[:2], dtype=torch.bool, device=images.device).scatter_(1, keep_idx, False)
+        hidden = hidden_mask(keep_idx, patches.shape[1])  # (B, N)
         grid, p, C = self.encoder.grid, self.vision.patch_size, self.vision.channels
         masked = patches.masked_fill(hidden[..., None], 0.0)
         mixed = torch.where(hidden[..., None], pred.to(patches.dtype), patches)
@@ -157,6 +157,12 @@ class MAE(nn.Module):
         linear = (seen * self.encoder.patches.weight.numel() + (1 + seen) * self.decoder_embed.weight.numel()
                   + (N - K) * self.pred.weight.numel())
         return enc + dec + 6.0 * linear
+
+
+def hidden_mask(keep_idx: torch.Tensor, length: int) -> torch.Tensor:
+    """``keep_idx (B, K)`` -> ``(B, length)`` bool, True at the positions not kept."""
+    mask = torch.ones(keep_idx.shape[0], length, dtype=torch.bool, device=keep_idx.device)
+    return mask.scatter_(1, keep_idx, False)
 
 
 def build(cfg, tokenizer=None) -> MAE:
