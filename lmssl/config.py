@@ -69,12 +69,12 @@ class DataConfig:
     text_column: str = "text"  # column holding the text in json/csv/parquet/Hub data
     streaming: bool = False  # stream the corpus instead of tokenizing it all up front
     shuffle_buffer: int = 10000  # documents in the streaming shuffle buffer
-    max_documents: int = 0  # >0: read at most this many training documents
+    max_documents: int = 0  # >0: read at most this many training documents (images, for image objectives)
     block_size: int = 256  # tokens per training sequence
     tokenizer: str = "default"  # "default" (shipped), a local tokenizer folder, or a Hub name
     packing: bool = True  # pack documents into full blocks; False: one document per row, padded (line-by-line)
     num_proc: int = 0  # processes for tokenization (0: one)
-    eval_blocks: int = 64  # validation blocks used for each evaluation (0: all)
+    eval_blocks: int = 64  # validation blocks (images, for image objectives) used for each evaluation (0: all)
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: off)
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False  # torch.compile the objective
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, one more forward pass of the blocks
     seed: int = 0  # seeds data order, initialisation and every random draw
     log_every: int = 10  # steps between log lines
     eval_every: int = 200  # steps between evaluations (0: only at the end)
