@@ -7,13 +7,14 @@ Every objective is an ``nn.Module`` with
   averages and logs;
 - ``prepare_batch(batch, generator) -> batch`` (optional): CPU-side work on a collated
   batch, such as MLM masking, driven by the given ``torch.Generator``;
-- ``report(tokenizer, eval_batches) -> str`` (optional): the end-of-run picture for
-  this objective (generated text, filled masks, ...);
+- ``report(tokenizer, eval_batches, cfg, out_dir) -> str`` (optional): the end-of-run
+  picture for this objective (generated text, filled masks, MAE's reconstructions drawn
+  into ``out_dir``), returned as text for the console;
 - ``flops_per_token: float``: training FLOPs per input token for MFU.
 
 ``build(cfg, tokenizer)`` creates the objective named by ``cfg.objective``: clm, mlm, cpc
 on text; mae on images (``batch["pixel_values"]``, no tokenizer: ``tokenizer`` is None,
-``flops_per_image()`` instead of ``flops_per_token``, and ``reconstruct()`` for pictures).
+``flops_per_image()`` instead of ``flops_per_token``).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,10 +47,11 @@ class CausalLM(nn.Module):
         return loss, {"loss": loss.detach(), "accuracy": correct / scored.clamp(min=1)}
 
     @torch.no_grad()
-    def report(self, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
-        """Sample a continuation of ``prompt``: the end-of-run picture for a decoder."""
-        return generate(self.backbone, self.head, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=50,
-                        seed=seed)
+    def report(self, tokenizer, eval_batches: list[dict[str, torch.Tensor]], cfg: RunConfig, out_dir: Path) -> str:
+        """Sample a continuation of ``train.sample_prompt``: the end-of-run picture for a decoder."""
+        t = cfg.train
+        return generate(self.backbone, self.head, tokenizer, t.sample_prompt, t.sample_tokens, temperature=0.8,
+                        top_k=50, seed=t.seed)
 
 
 def build(cfg: RunConfig, tokenizer) -> CausalLM:

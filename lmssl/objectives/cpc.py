@@ -49,6 +49,8 @@ processes), and pooling averages real tokens only.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dataclasses
 import math
 
@@ -237,7 +239,8 @@ class CPC(nn.Module):
         return enc + ctx + 6.0 * D * candidates * queries_per_token
 
     @torch.no_grad()
-    def report(self, tokenizer, eval_batches: list[dict[str, torch.Tensor]], cfg: RunConfig) -> str:
+    def report(self, tokenizer, eval_batches: list[dict[str, torch.Tensor]], cfg: RunConfig,
+               out_dir: Path) -> str:
         """Per-offset held-out accuracy against chance, the collapse monitor, and one
         held-out example: which segment the model ranks first as the next one."""
         if not eval_batches:

@@ -28,11 +28,13 @@ same noise it returns the same loss (``tests/objectives/test_mae.py``).
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmssl.config import MAEConfig, ModelConfig, VisionConfig
+from lmssl.figures import plot_reconstructions
 from lmssl.losses.pixel import patch_mse
 from lmssl.masking import gather_tokens, num_kept, random_keep, restore_order
 from lmssl.models.flops import transformer_flops_per_token
@@ -124,6 +126,23 @@ class MAE(nn.Module):
         target = gather_tokens(self.encoder.patchify(images), hidden_idx)
         loss = patch_mse(pred, target, self.mae.norm_pix_loss)
         return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def report(self, tokenizer, eval_batches: list[dict[str, torch.Tensor]], cfg, out_dir: Path) -> str:
+        """The end-of-run picture: up to 8 held-out images, the patches the encoder saw, and
+        the reconstructions, as ``out_dir/reconstructions.png``."""
+        if not eval_batches:
+            return "mae: no held-out images to reconstruct"
+        device = next(self.parameters()).device
+        images = torch.cat([b["pixel_values"] for b in eval_batches])[:8].to(device)
+        was_training = self.training
+        self.eval()
+        pictures = self.reconstruct(images, torch.Generator(device).manual_seed(cfg.train.seed))
+        self.train(was_training)
+        path = plot_reconstructions(images, pictures["hidden"], pictures["reconstruction"], self.vision.mean,
+                                    self.vision.std, Path(out_dir) / "reconstructions.png",
+                                    "mae: held-out images, visible patches, reconstruction")
+        return f"reconstructions of {len(images)} held-out images: {path}"
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -206,7 +206,8 @@ class MaskedLM(nn.Module):
     # ------------------------------------------------------------------ end-of-run picture
 
     @torch.no_grad()
-    def report(self, tokenizer, eval_batches: list[dict[str, torch.Tensor]], cfg: RunConfig) -> str:
+    def report(self, tokenizer, eval_batches: list[dict[str, torch.Tensor]], cfg: RunConfig,
+               out_dir: Path) -> str:
         """A table of held-out sentences with 1-2 words masked, the true word and the top-3 fills."""
         examples = pick_fill_examples(tokenizer, eval_batches, cfg.mlm.fill_examples, seed=cfg.train.seed,
                                       max_tokens=min(40, self.cfg.max_positions - 1))

@@ -28,7 +28,7 @@ from lmssl.models import set_activation_checkpointing
 from lmssl.models.flops import transformer_flops_per_token
 from lmssl.train import checkpoint as ckpt
 from lmssl.train.flops import device_peak_flops
-from lmssl.train.log import JsonlLog, plot_loss_curve, plot_reconstructions
+from lmssl.train.log import JsonlLog, plot_loss_curve
 from lmssl.train.optim import lr_factor, make_optimizer, make_schedule
 
 
@@ -261,10 +261,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
               **state.metrics}
     if is_main:
         result["loss_curve"] = str(out / "loss_curve.png") if (out / "loss_curve.png").exists() else None
-        if images:
-            result["report"] = _show_reconstructions(objective, cfg, data, accelerator, out / "reconstructions.png")
-        elif hasattr(objective, "report"):
-            result["report"] = _report(objective, cfg, tokenizer, data, accelerator)
+        if hasattr(objective, "report"):
+            with accelerator.autocast():
+                result["report"] = objective.report(tokenizer, data.eval_batches, cfg, out)
         (out / "final_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1))
     return result
 
@@ -277,23 +276,6 @@ def _evaluate(objective, data, cfg: RunConfig, accelerator) -> dict[str, float]:
     if cfg.objective == "clm":
         ev.update(language_metrics(ev["loss"], data.bytes_per_token))
     return ev
-
-
-def _report(objective, cfg: RunConfig, tokenizer, data, accelerator) -> str:
-    with accelerator.autocast():
-        if cfg.objective == "clm":
-            return objective.report(tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens, seed=cfg.train.seed)
-        return objective.report(tokenizer, data.eval_batches, cfg)
-
-
-def _show_reconstructions(objective, cfg: RunConfig, data, accelerator, path: Path) -> str:
-    """MAE's end-of-run picture: held-out images, what the encoder saw, the reconstruction."""
-    images = torch.cat([b["pixel_values"] for b in data.eval_batches])[:8].to(accelerator.device)
-    with accelerator.autocast():
-        pictures = objective.reconstruct(images, torch.Generator(images.device).manual_seed(cfg.train.seed))
-    plot_reconstructions(images, pictures["hidden"], pictures["reconstruction"], cfg.vision.mean, cfg.vision.std,
-                         path, f"{cfg.objective}: held-out images, visible patches, reconstruction")
-    return f"reconstructions of {len(images)} held-out images: {path}"
 
 
 def _apply_optim_config(optimizer, schedule, cfg: RunConfig) -> None:
