@@ -265,6 +265,7 @@ class Side:
     params: int
     round_s: list[float] = field(default_factory=list)  # wall-clock seconds per timed round
     round_cpu_s: list[float] = field(default_factory=list)  # process CPU seconds per timed round (all threads)
+    round_faults: list[int] = field(default_factory=list)  # minor page faults of the process per timed round
     warmup_s: float = 0.0
     peak_mem: int | None = None
     attention: str = ""
@@ -286,17 +287,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(side: Side, batch: Batch, steps: int, device: torch.device, autocast) -> tuple[float, float]:
-    """``(wall seconds, process CPU seconds)`` of ``steps`` training steps, the device drained
-    before and after."""
+def time_steps(side: Side, batch: Batch, steps: int, device: torch.device, autocast) -> tuple[float, float, int]:
+    """``(wall seconds, process CPU seconds, minor page faults)`` of ``steps`` training steps,
+    the device drained before and after."""
     _sync(device)
-    cpu, t = time.process_time(), time.perf_counter()
+    faults, cpu, t = _minor_faults(), time.process_time(), time.perf_counter()
     for _ in range(steps):
         loss = train_step(side, batch, autocast)
     _sync(device)
-    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
+    elapsed, cpu, faults = time.perf_counter() - t, time.process_time() - cpu, _minor_faults() - faults
     side.final_loss = float(loss)
-    return elapsed, cpu
+    return elapsed, cpu, faults
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: each is a page of freshly mapped memory
+    touched for the first time (0 where ``resource`` is missing, as on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class MemoryProbe:
@@ -493,6 +504,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train.activation_checkpointing=true (the reference through gradient_checkpointing_enable)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 gives the steadiest CPU-time ratio")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU, glibc: keep freed memory in the process for both sides, as lmssl pretrain does "
+                             "(lmssl.train.host); default: the allocator's defaults")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
 
 
@@ -506,7 +520,18 @@ def _command_line(args: argparse.Namespace, batch: int, seq: int | None, device:
         parts.append("--compile")
     if args.activation_checkpointing:
         parts.append("--activation-checkpointing")
+    if args.keep_freed_memory:
+        parts.append("--keep-freed-memory")
     return " ".join(parts)
+
+
+def _allocator_line(args: argparse.Namespace) -> str:
+    """How the CPU allocator was set up: it moves the figures (lmssl.train.host)."""
+    from lmssl.train.host import allocator_settings
+
+    if args.keep_freed_memory:
+        return "glibc keeps freed memory (--keep-freed-memory, as lmssl pretrain runs)"
+    return ", ".join(allocator_settings()) or "defaults (freed large blocks go back to the OS)"
 
 
 def _device_name(device: torch.device) -> str:
@@ -546,6 +571,12 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(device_str)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from lmssl.train.host import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise UserError("--keep-freed-memory needs glibc on Linux and no MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD "
+                            "in the environment; unset those or drop the flag")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # config notes about unused token ids and the default loss
@@ -604,9 +635,10 @@ def run(args: argparse.Namespace) -> int:
 
     for r in range(args.rounds):  # each round starts with the next side: load falls on all alike
         for side in sides[r % len(sides):] + sides[:r % len(sides)]:
-            wall, cpu = time_steps(side, batch, args.steps_per_round, device, autocast)
+            wall, cpu, faults = time_steps(side, batch, args.steps_per_round, device, autocast)
             side.round_s.append(wall)
             side.round_cpu_s.append(cpu)
+            side.round_faults.append(faults)
 
     lm, ref = sides[:2]
     units_per_step = batch_size * (1 if images else seq)
@@ -630,7 +662,7 @@ def run(args: argparse.Namespace) -> int:
         "config": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
         **({"vision": cfg.to_dict()["vision"], "mae": cfg.to_dict()["mae"]} if images else {}),
         f"flops_per_{family.unit[:-1]}": unit_flops(lm), "peak_flops": peak, "peak_source": peak_source,
-        "memory_source": mem_source,
+        "memory_source": mem_source, "allocator": _allocator_line(args) if device.type == "cpu" else None,
         **_ratios(lm, ref),
         "data": data,
     }
@@ -644,6 +676,7 @@ def run(args: argparse.Namespace) -> int:
             "mfu": per_s * flops / peak if peak else None,
             "step_s": statistics.median(side.round_s) / args.steps_per_round, "round_s": side.round_s,
             "round_cpu_s": side.round_cpu_s,
+            "page_faults_per_step": statistics.median(side.round_faults) / args.steps_per_round,
             "warmup_s": side.warmup_s, "peak_mem_bytes": side.peak_mem, "attention": side.attention,
             "final_loss": side.final_loss,
         }
@@ -729,6 +762,9 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(ratio_line(f"lmssl / {r['baseline']['name']} throughput", r["baseline"]))
     lines.append(f"  FLOPs/{per} {r[f'flops_per_{per}'] / 1e6:,.1f}M (lmssl's count; the reference is given lmssl's) "
                  f"peak {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_source']}); memory: {r['memory_source']}")
+    if r.get("allocator"):
+        faults = ", ".join(f"{r[k]['name']} {r[k]['page_faults_per_step']:,.0f}" for k in keys)
+        lines.append(f"  CPU allocator: {r['allocator']}; minor page faults per step: {faults}")
     if r["model"] == "bert":
         lines.append("  (the reference computes the vocabulary projection at every position; its TFLOP/s and MFU use "
                      "lmssl's masked-only count, so they equal its throughput share, not its arithmetic)")

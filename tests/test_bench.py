@@ -27,7 +27,9 @@ def test_bench_gpt_tiny_smoke(tmp_path, capsys):
     assert "is_causal" in r["lmssl"]["attention"] and "is_causal" in r["reference"]["attention"]
     assert r["device"] == "cpu" and r["torch"] and r["config"]["n_layers"] == 4
     assert r["data"]["tokenize_tokens_per_s"] > 0 and r["data"]["collate_s_per_batch"] > 0
-    assert "lmssl / transformers throughput" in capsys.readouterr().out
+    assert r["allocator"] and all(r[side]["page_faults_per_step"] >= 0 for side in ("lmssl", "reference"))
+    text = capsys.readouterr().out
+    assert "lmssl / transformers throughput" in text and "minor page faults per step" in text
 
 
 def test_bench_mae_smoke(tmp_path, capsys):
