@@ -39,9 +39,11 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import platform
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,8 +507,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 gives the steadiest CPU-time ratio")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="CPU, glibc: keep freed memory in the process for both sides, as lmssl pretrain does "
-                             "(lmssl.train.host); default: the allocator's defaults")
+                        help="CPU, glibc: keep freed memory in the process (no page faults from re-allocation) for both "
+                             "sides; default: the allocator's defaults")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
 
 
@@ -525,13 +527,42 @@ def _command_line(args: argparse.Namespace, batch: int, seq: int | None, device:
     return " ".join(parts)
 
 
-def _allocator_line(args: argparse.Namespace) -> str:
-    """How the CPU allocator was set up: it moves the figures (lmssl.train.host)."""
-    from lmssl.train.host import allocator_settings
+# --- the CPU allocator
+#
+# glibc's malloc hands large freed blocks back to the OS (munmap above its mmap threshold, a
+# heap trim above its trim threshold). A training step frees and re-allocates activations of
+# the same sizes every step, so the next step maps fresh pages, which the kernel zero-fills
+# on first touch: minor page faults, a cost of how a model allocates rather than of its
+# arithmetic. The bench counts them per step and, with --keep-freed-memory, takes them away
+# from both sides, so the two comparisons can be read side by side (benchmarks/RESULTS.md).
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+_MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap, not from their own mapping
+_TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt's int argument takes: never trim
+
+
+def allocator_settings() -> list[str]:
+    """The allocator choices this process's environment makes, as ``NAME=value`` strings."""
+    return [f"{k}={v}" for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in the process (glibc on Linux); True when the settings took."""
+    if not sys.platform.startswith("linux") or allocator_settings():
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def _allocator_line(args: argparse.Namespace) -> str:
     if args.keep_freed_memory:
-        return "glibc keeps freed memory (--keep-freed-memory, as lmssl pretrain runs)"
-    return ", ".join(allocator_settings()) or "defaults (freed large blocks go back to the OS)"
+        return "glibc keeps freed memory (--keep-freed-memory)"
+    return ", ".join(allocator_settings()) or "defaults (large freed blocks go back to the OS)"
 
 
 def _device_name(device: torch.device) -> str:
@@ -572,8 +603,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
-        from lmssl.train.host import keep_freed_memory
-
         if not keep_freed_memory():
             raise UserError("--keep-freed-memory needs glibc on Linux and no MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD "
                             "in the environment; unset those or drop the flag")

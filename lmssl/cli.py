@@ -82,11 +82,9 @@ def resolve_recipe(recipe: str) -> str:
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from lmssl.config import load_config
-    from lmssl.train.host import keep_freed_memory
     from lmssl.train.loop import train
 
     cfg = load_config(resolve_recipe(args.recipe), args.overrides)
-    keep_freed_memory()  # this process only trains: reuse freed activations (no page faults each step)
     result = train(cfg)
     if result.get("main_process") and "eval_loss" in result:
         print_summary(cfg, result)

@@ -650,9 +650,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k != "recipe"}
     cfg = load_finetune_config(args.recipe, options)
-    from lmssl.train.host import keep_freed_memory
-
-    keep_freed_memory()  # this process only trains: reuse freed activations (no page faults each step)
     result = finetune(cfg)
     print(f"best model: {result['best_dir']}", file=sys.stdout)
     return 0

@@ -1,4 +1,4 @@
-"""Host memory: with keep_freed_memory, re-allocating a freed block costs no page faults.
+"""`lmssl bench --keep-freed-memory`: with keep_freed_memory, re-allocating a freed block costs no page faults.
 
 Each case runs in a fresh interpreter: the allocator's settings are process-wide.
 """
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # allocate, touch and free a 48 MiB block (above glibc's largest dynamic mmap threshold) 10 times
 SCRIPT = """
 import resource, sys, torch
-from lmssl.train.host import keep_freed_memory
+from lmssl.bench import keep_freed_memory
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
