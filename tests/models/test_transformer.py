@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lmssl.config import ModelConfig
@@ -101,3 +102,37 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients
             calls.clear()
             model({"input_ids": ids})
             assert len(calls) == 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_in_matches_the_plain_gated_projection(bias):
+    """The fused gate/up function: same output and gradients as ``fc1(x).chunk(2)``, in float64
+    (gradcheck) and float32, and under bf16 autocast the same dtype as ``F.linear`` gives."""
+    import torch.nn.functional as F
+
+    from lmssl.nn.mlp import swiglu_in
+
+    def plain(x, w, b):
+        gate, up = F.linear(x, w, b).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(2, 5, 8, generator=g, dtype=dtype, requires_grad=True)
+        w = torch.randn(12, 8, generator=g, dtype=dtype, requires_grad=True)
+        b = torch.randn(12, generator=g, dtype=dtype, requires_grad=True) if bias else None
+        inputs = (x, w, b) if bias else (x, w)
+        dy = torch.randn(2, 5, 6, generator=g, dtype=dtype)
+        ours, ref = swiglu_in(x, w, b), plain(x, w, b)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+        for a, r in zip(torch.autograd.grad(ours, inputs, dy), torch.autograd.grad(ref, inputs, dy)):
+            torch.testing.assert_close(a, r, atol=tol, rtol=tol)
+        if dtype == torch.float64:
+            assert torch.autograd.gradcheck(lambda *a: swiglu_in(*a), inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = swiglu_in(x, w, b), plain(x, w, b)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    ours.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
