@@ -15,8 +15,9 @@ in front), cut to the run's ``data.block_size`` and padded with an attention mas
 
 A multinomial logistic regression (one linear layer on standardized features, small
 weight decay, Adam on mini-batches) is trained on the task's training split and scored
-on its validation split. The same probe runs on the features of the same network at its
-initialisation (``objectives.build`` under the run's own seed: the exact weights the run
+on its validation split; beside it, a weighted k-NN classifier on the same features
+(:mod:`lmssl.evaluate.knn`, 20 neighbours, nothing trained). The same probe runs on the
+features of the same network at its initialisation (``objectives.build`` under the run's own seed: the exact weights the run
 started from), so the difference is what pretraining added. Each probe seed sets the
 probe's initialisation and mini-batch order; the features are fixed.
 
@@ -42,8 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmssl.errors import UserError
+from lmssl.evaluate.knn import knn_accuracy
 
 CAUSAL = {"clm": True, "mlm": False}  # how a backbone without features() reads its input
+KNN_K = 20  # neighbours of the k-NN score printed beside the probe
 
 
 # ----------------------------------------------------------------------------- data
@@ -221,14 +224,17 @@ def _compare(run_dir, objective: str, description: str, source: str, classes: li
              run_feats: dict[str, torch.Tensor], random_feats: dict[str, torch.Tensor], y: dict[str, torch.Tensor],
              seeds: list[int], unit: str) -> dict[str, Any]:
     """The probe on the run's features and on its initialisation's, per seed; the result dict."""
+    pairs = (("run", run_feats), ("random", random_feats))
     accs = {name: [train_probe(f["train"], y["train"], f["validation"], y["validation"], seed) for seed in seeds]
-            for name, f in (("run", run_feats), ("random", random_feats))}
+            for name, f in pairs}
+    knn = {name: knn_accuracy(f["train"], y["train"], f["validation"], y["validation"], k=KNN_K) for name, f in pairs}
     majority = float(torch.bincount(y["validation"]).max()) / len(y["validation"])  # best constant answer
     result: dict[str, Any] = {
         "run_dir": str(run_dir), "objective": objective, "feature": description, "source": source,
         "classes": classes, "n_train": len(y["train"]), "n_validation": len(y["validation"]), "unit": unit,
         "dim": int(run_feats["train"].shape[1]), "seeds": seeds, "run": accs["run"], "random": accs["random"],
         "run_mean": float(np.mean(accs["run"])), "random_mean": float(np.mean(accs["random"])), "majority": majority,
+        "knn_k": KNN_K, "knn_run": knn["run"], "knn_random": knn["random"],
     }
     result["table"] = format_table(result)
     return result
@@ -268,6 +274,9 @@ def format_table(r: dict[str, Any]) -> str:
     for seed, a, b in zip(r["seeds"], r["run"], r["random"]):
         lines.append(f"  {seed:<6}{a:>16.1%}{b:>16.1%}")
     lines.append(f"  {'mean':<6}{mean_std(r['run']):>16}{mean_std(r['random']):>16}")
+    if "knn_run" in r:
+        lines.append(f"  {'k-NN':<6}{r['knn_run']:>16.1%}{r['knn_random']:>16.1%}   (weighted {r['knn_k']}-NN, cosine, "
+                     f"no training)")
     lines.append(f"  most frequent class {r['majority']:.1%}, uniform guess {1 / len(r['classes']):.1%}")
     return "\n".join(lines)
 

@@ -39,6 +39,8 @@ def test_probe_scores_run_and_random_features(clm_run):
     assert "run features" in r["table"] and "random init" in r["table"]
     # the features of a 6-class task carry signal even after 30 steps: well above a uniform guess
     assert r["run_mean"] > 1 / 6 + 0.1
+    # the k-NN score on the same features, without training: above a uniform guess too
+    assert r["knn_k"] == 20 and r["knn_run"] > 1 / 6 and 0.0 <= r["knn_random"] <= 1.0 and "k-NN" in r["table"]
 
 
 def test_probe_command_with_user_files(clm_run, tmp_path, capsys):
@@ -49,7 +51,10 @@ def test_probe_command_with_user_files(clm_run, tmp_path, capsys):
                      "--validation-file", str(tmp_path / "val.jsonl")])
     out = capsys.readouterr().out
     assert code == 0 and "2 classes, 60 train / 20 validation" in out
-    assert out.splitlines()[-3].split()[0] == "3"  # the seed row
+    rows = [line.split() for line in out.splitlines()]
+    assert ["3"] == [r[0] for r in rows if r and r[0] == "3"]  # one seed row
+    knn = next(r for r in rows if r and r[0] == "k-NN")  # the k-NN row: run and random-init accuracy
+    assert all(0.0 <= float(v.rstrip("%")) <= 100.0 for v in knn[1:3])
 
 
 def test_bad_run_dir_is_one_error_line(tmp_path, capsys):
