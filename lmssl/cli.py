@@ -16,7 +16,7 @@ COMMANDS = {
     "pretrain": ("lmssl.cli", "pretrain a model from a YAML recipe (+ key=value overrides); resumes automatically"),
     "tokenizer": ("lmssl.data.tokenizer", "train a BPE / Unigram / WordPiece tokenizer on your text"),
     "generate": ("lmssl.cli", "sample text from a trained decoder run"),
-    "fill-mask": ("lmssl.objectives.mlm", "show a masked-LM run's top-k fills for [MASK] / <mask> in a sentence"),
+    "fill-mask": ("lmssl.cli", "show a masked-LM run's top-k fills for [MASK] / <mask> in a sentence"),
     "export": ("lmssl.export.cli", "export a run to a folder stock transformers loads (and push it to the Hub)"),
     "finetune": ("lmssl.finetune", "fine-tune a run or a transformers checkpoint on a labelled text task"),
     "probe": ("lmssl.evaluate.probe", "linear probe of frozen features on the bundled labelled task"),
@@ -149,6 +149,55 @@ def run_generate(args: argparse.Namespace) -> int:
         text = generate(model.backbone, model.head, tokenizer, args.prompt, args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + i)
         print(text if args.num_samples == 1 else f"--- sample {i + 1}\n{text}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- `lmssl fill-mask`
+
+
+def add_fill_mask_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a masked-LM run's train.output_dir")
+    parser.add_argument("text", help='text with [MASK] or <mask> where words are missing, e.g. "The [MASK] sat."')
+    parser.add_argument("--top-k", type=int, default=5, help="fills shown per mask (default: 5)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to run the model (default: cuda when available)")
+
+
+def run_fill_mask(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from lmssl.errors import UserError
+    from lmssl.objectives.mlm import fill_mask, show_piece, split_on_masks
+    from lmssl.train.loop import load_run
+
+    run_file = Path(args.run_dir) / "run.json"
+    if run_file.is_file():  # refuse other objectives before loading any weights
+        try:
+            objective = json.loads(run_file.read_text())["config"].get("objective", "clm")
+        except (ValueError, KeyError, AttributeError):
+            objective = None
+        if objective is not None and objective != "mlm":
+            raise UserError(f"{args.run_dir} is a '{objective}' run; fill-mask needs a masked-LM run (objective mlm)")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, cfg, tokenizer = load_run(args.run_dir, device)
+    if cfg.objective != "mlm":
+        raise UserError(f"{args.run_dir} is a '{cfg.objective}' run; fill-mask needs a masked-LM run (objective mlm)")
+    fills = fill_mask(model, tokenizer, args.text, args.top_k)
+    pieces = split_on_masks(tokenizer, args.text)
+    others = [" [MASK]" if raw.endswith(" ") else "[MASK]" for raw in split_on_masks(tokenizer, args.text, False)]
+    print(args.text)
+    for m, row in enumerate(fills):
+        print(f"mask {m + 1} of {len(fills)}:")
+        for rank, (token, prob) in enumerate(row, start=1):
+            filled = pieces[0] + "".join((token if j == m else others[j]) + pieces[j + 1] for j in range(len(fills)))
+            print(f"  {rank:>2}. {show_piece(token):<16} {prob:7.4f}   {filled}")
     return 0
 
 

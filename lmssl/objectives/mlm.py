@@ -13,13 +13,12 @@ Masks are drawn per step (RoBERTa's dynamic masking) from the ``mlm.*`` config:
   core, so they give the same statistics (not the same draws).
 
 Also here: :func:`fill_mask` (top-k fills for ``[MASK]`` / ``<mask>`` in a text), the
-end-of-run fill table (:meth:`MaskedLM.report`) and the ``lmssl fill-mask`` command.
+end-of-run fill table (:meth:`MaskedLM.report`); the ``lmssl fill-mask`` command
+(:mod:`lmssl.cli`) prints it for any text.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,10 +224,10 @@ class MaskedLM(nn.Module):
             lines.append(f"{i:>2}. {shown.strip()}")
             for k, p in enumerate(positions):
                 top = probs[k].topk(3)
-                fills = [(_show(tokenizer.decode([int(t)])), float(v)) for v, t in zip(top.values, top.indices)]
+                fills = [(show_piece(tokenizer.decode([int(t)])), float(v)) for v, t in zip(top.values, top.indices)]
                 hit = int(top.indices[0]) == ids[p]
                 hits, total = hits + hit, total + 1
-                word = _show(pieces[2 * k + 1])
+                word = show_piece(pieces[2 * k + 1])
                 cells = "  ".join(f"{w[:12]:<12} {v:5.3f}" for w, v in fills)
                 lines.append(f"      {word[:14]:<14} -> {cells}" + ("   (top-1 correct)" if hit else ""))
         lines.append(f"top-1 correct on {hits} of {total} masked words")
@@ -268,7 +267,7 @@ def _prefix(tokenizer) -> list[int]:
     return [sep] if sep is not None else []
 
 
-def _show(text: str) -> str:
+def show_piece(text: str) -> str:
     return text.strip() or repr(text)
 
 
@@ -425,45 +424,3 @@ def _pick_words(tokenizer, span: list[int], table: torch.Tensor, n: int, g: torc
         if len(chosen) == n:
             break
     return sorted(chosen)
-
-
-# ----------------------------------------------------------------------------- `lmssl fill-mask`
-
-
-def add_fill_mask_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a masked-LM run's train.output_dir")
-    parser.add_argument("text", help='text with [MASK] or <mask> where words are missing, e.g. "The [MASK] sat."')
-    parser.add_argument("--top-k", type=int, default=5, help="fills shown per mask (default: 5)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where to run the model (default: cuda when available)")
-
-
-def run_fill_mask(args: argparse.Namespace) -> int:
-    from lmssl.train.loop import load_run
-
-    run_file = Path(args.run_dir) / "run.json"
-    if run_file.is_file():  # refuse other objectives before loading any weights
-        try:
-            objective = json.loads(run_file.read_text())["config"].get("objective", "clm")
-        except (ValueError, KeyError, AttributeError):
-            objective = None
-        if objective is not None and objective != "mlm":
-            raise UserError(f"{args.run_dir} is a '{objective}' run; fill-mask needs a masked-LM run (objective mlm)")
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, cfg, tokenizer = load_run(args.run_dir, device)
-    if cfg.objective != "mlm":
-        raise UserError(f"{args.run_dir} is a '{cfg.objective}' run; fill-mask needs a masked-LM run (objective mlm)")
-    fills = fill_mask(model, tokenizer, args.text, args.top_k)
-    pieces = split_on_masks(tokenizer, args.text)
-    others = [" [MASK]" if raw.endswith(" ") else "[MASK]" for raw in split_on_masks(tokenizer, args.text, False)]
-    print(args.text)
-    for m, row in enumerate(fills):
-        print(f"mask {m + 1} of {len(fills)}:")
-        for rank, (token, prob) in enumerate(row, start=1):
-            filled = pieces[0] + "".join((token if j == m else others[j]) + pieces[j + 1] for j in range(len(fills)))
-            print(f"  {rank:>2}. {_show(token):<16} {prob:7.4f}   {filled}")
-    return 0
