@@ -19,7 +19,7 @@ COMMANDS = {
     "fill-mask": ("lmssl.cli", "show a masked-LM run's top-k fills for [MASK] / <mask> in a sentence"),
     "export": ("lmssl.export.cli", "export a run to a folder stock transformers loads (and push it to the Hub)"),
     "finetune": ("lmssl.finetune", "fine-tune a run or a transformers checkpoint on a labelled text task"),
-    "probe": ("lmssl.evaluate.probe", "linear probe of frozen features on the bundled labelled task"),
+    "probe": ("lmssl.probe", "linear probe and k-NN of frozen features beside the same network at initialisation"),
     "bench": ("lmssl.bench", "time lmssl against the transformers model of the same shape"),
 }
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmssl.errors import UserError
-from lmssl.evaluate.knn import knn_accuracy
+from lmssl.evaluate import knn_accuracy
 
 CAUSAL = {"clm": True, "mlm": False}  # how a backbone without features() reads its input
 KNN_K = 20  # neighbours of the k-NN score printed beside the probe

@@ -12,7 +12,7 @@ import torch
 from lmssl.cli import main as cli_main
 from lmssl.config import load_config
 from lmssl.data.tokenizer import load_tokenizer
-from lmssl.evaluate.probe import encode_texts, extract_features, feature_fn, probe_run, train_probe
+from lmssl.probe import encode_texts, extract_features, feature_fn, probe_run, train_probe
 from lmssl.objectives import build
 from lmssl.train.loop import load_run, train
 from tests.conftest import ROOT, TINY
