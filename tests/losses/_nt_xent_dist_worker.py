@@ -1,10 +1,10 @@
 """Two-process worker for tests/losses/test_losses_distributed.py (not a test itself).
 
 Usage, once per rank (the test starts WORLD_SIZE of them, like torchrun would):
-    python _nt_xent_dist_worker.py WORKDIR PORT WORLD_SIZE RANK
+    python _nt_xent_dist_worker.py WORKDIR WORLD_SIZE RANK
 
-Reads WORKDIR/inputs.pt (written by the test), joins a CPU gloo process group on
-127.0.0.1:PORT, takes this rank's shard of the batch, and writes what it computed to
+Reads WORKDIR/inputs.pt (written by the test), joins a CPU gloo process group through
+the file store WORKDIR/store, takes this rank's shard of the batch, and writes what it computed to
 WORKDIR/rank{RANK}.pt for the test to compare with one process. Separate interpreters
 rather than forked children: fork after torch has started its thread pools can hang.
 """
@@ -24,11 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from lmssl.losses import gather_with_grad, nt_xent, nt_xent_with_accuracy, rank_offset
 
 
-def _run(rank: int, world: int, workdir: str, port: int) -> None:
+def _run(rank: int, world: int, workdir: str) -> None:
     faulthandler.dump_traceback_later(60, exit=True)  # a hang prints its stack, then exits
     torch.set_num_threads(1)
+    # a file store, not a TCP one: no rank hosts it, so no rank's exit can pull it from under another
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{Path(workdir) / 'store'}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60)
     )
     try:
         inp = torch.load(Path(workdir) / "inputs.pt")
@@ -68,10 +70,11 @@ def _run(rank: int, world: int, workdir: str, port: int) -> None:
         out["ddp_bias_grad"] = model.bias.grad.clone()
 
         torch.save(out, Path(workdir) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done with every collective before either tears down
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    workdir, port, world, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    _run(rank, world, workdir, port)
+    workdir, world, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    _run(rank, world, workdir)

@@ -11,7 +11,6 @@ the mean NT-Xent over its own 2b rows, with negatives gathered from both ranks.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +26,6 @@ N, D_IN, D = 8, 6, 5  # global pairs, input width, embedding width
 TEMPERATURE = 0.3
 WORKER = Path(__file__).with_name("_nt_xent_dist_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +48,9 @@ def run(tmp_path_factory):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
-    port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(workdir), port, str(WORLD), str(rank)],
+            [sys.executable, str(WORKER), str(workdir), str(WORLD), str(rank)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(WORLD)
