@@ -40,7 +40,9 @@ def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.
 
 def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor,
                  k: int = 20, temperature: float = 0.07) -> float:
-    """Fraction of ``queries`` whose :func:`knn_predict` class equals ``labels``."""
+    """Fraction of ``queries`` whose :func:`knn_predict` class equals ``labels`` (NaN for none)."""
+    if not len(labels):
+        return float("nan")
     classes = int(max(train_labels.max(), labels.max())) + 1
     pred = knn_predict(train, train_labels, queries, k, temperature, num_classes=classes)
-    return float((pred == labels).float().mean()) if len(labels) else float("nan")
+    return float((pred == labels).float().mean())

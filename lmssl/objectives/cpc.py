@@ -49,10 +49,9 @@ processes), and pooling averages real tokens only.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -37,6 +37,7 @@ def test_knn_separates_clusters_and_rejects_bad_shapes():
     assert knn_accuracy(feats[::2], labels[::2], feats[1::2], labels[1::2]) == 1.0
     shuffled = labels[torch.randperm(90, generator=g)]  # labels unrelated to the features: near chance
     assert knn_accuracy(feats[::2], shuffled[::2], feats[1::2], shuffled[1::2]) < 0.6
+    assert math.isnan(knn_accuracy(feats, labels, feats[:0], labels[:0]))  # nothing to score
     with pytest.raises(ValueError, match="queries"):
         knn_predict(feats, labels, feats[:, :3])
     with pytest.raises(ValueError, match="train_labels"):
