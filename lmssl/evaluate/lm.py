@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Iterable
 
 import torch
 from torch import nn
+
+from lmssl.models import eval_mode
 
 
 @torch.no_grad()
 def evaluate_objective(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
                        autocast=None) -> dict[str, float]:
     """Mean of the objective's metrics over fixed held-out batches (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {}
     n = 0
-    for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if autocast is not None:
-            with autocast():
+    with eval_mode(model):
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast() if autocast is not None else nullcontext():
                 _, metrics = model(batch)
-        else:
-            _, metrics = model(batch)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-    model.train(was_training)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 

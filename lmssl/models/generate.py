@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmssl.models.transformer import eval_mode
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
@@ -34,16 +36,14 @@ def generate_ids(backbone: nn.Module, head: nn.Module, ids: torch.Tensor, max_ne
     gen = torch.Generator(device=ids.device).manual_seed(seed)
     vocab = head.vocab_size
     limit = backbone.cfg.max_positions
-    was_training = backbone.training
-    backbone.eval(), head.eval()
-    for _ in range(max_new_tokens):
-        ctx = ids[:, -limit:]
-        logits = head(backbone(ctx, is_causal=True)[:, -1])[:, :vocab].float()  # (B, V)
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if eos_id is not None and bool((nxt == eos_id).all()):
-            break
-    backbone.train(was_training), head.train(was_training)
+    with eval_mode(backbone), eval_mode(head):
+        for _ in range(max_new_tokens):
+            ctx = ids[:, -limit:]
+            logits = head(backbone(ctx, is_causal=True)[:, -1])[:, :vocab].float()  # (B, V)
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
     return ids
 
 

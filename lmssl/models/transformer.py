@@ -7,6 +7,8 @@ with different :class:`~lmssl.config.ModelConfig` values.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -81,6 +83,18 @@ class Transformer(nn.Module):
             else:
                 x = block(x, attn_mask, causal, rope)
         return self.norm(x)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout) inside the block, back in its previous mode after,
+    even when the block raises."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def set_activation_checkpointing(module: nn.Module, enabled: bool = True) -> int:

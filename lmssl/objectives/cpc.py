@@ -60,7 +60,7 @@ from torch import nn
 from lmssl.config import CPCConfig, ModelConfig, RunConfig
 from lmssl.errors import UserError
 from lmssl.losses import gather_with_grad, info_nce_with_accuracy, rank_offset
-from lmssl.models import TextBackbone, Transformer, init_weights
+from lmssl.models import TextBackbone, Transformer, eval_mode, init_weights
 from lmssl.nn import LearnedPositions, sincos_positions
 from lmssl.models.flops import transformer_flops_per_token
 
@@ -244,15 +244,15 @@ class CPC(nn.Module):
         held-out example: which segment the model ranks first as the next one."""
         if not eval_batches:
             return "cpc: no held-out batches to report on"
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
         sums: dict[str, float] = {}
-        for batch in eval_batches:
-            b = {k: v.to(device) for k, v in batch.items()}
-            _, m = self.compute(b, gather=False)  # report runs on the main process only: no collective
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+        with eval_mode(self):
+            for batch in eval_batches:
+                b = {k: v.to(device) for k, v in batch.items()}
+                _, m = self.compute(b, gather=False)  # report runs on the main process only: no collective
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            example = self._example(tokenizer, eval_batches[0]["input_ids"][:1].to(device))
         avg = {k: v / len(eval_batches) for k, v in sums.items()}
         L, K = self.cpc.segment_len, self.cpc.prediction_steps
         T = eval_batches[0]["input_ids"].shape[1]
@@ -266,9 +266,7 @@ class CPC(nn.Module):
         healthy = 1 / math.sqrt(self.cfg.dim)
         lines.append(f"  latent spread z_std {avg['z_std']:.4f} (about {healthy:.4f} = 1/sqrt(dim) when healthy; "
                      "near 0 means the latents collapsed)")
-        lines += self._example(tokenizer, eval_batches[0]["input_ids"][:1].to(device))
-        self.train(was_training)
-        return "\n".join(lines)
+        return "\n".join(lines + example)
 
     def _example(self, tokenizer, ids: torch.Tensor) -> list[str]:
         """For one held-out block: the segment before a cut, the true next segment, and the

@@ -38,7 +38,7 @@ from lmssl.figures import plot_reconstructions
 from lmssl.losses.pixel import patch_mse
 from lmssl.masking import gather_tokens, num_kept, random_keep, restore_order
 from lmssl.models.flops import transformer_flops_per_token
-from lmssl.models.transformer import Transformer, init_weights
+from lmssl.models.transformer import Transformer, eval_mode, init_weights
 from lmssl.models.vision import VisionBackbone
 from lmssl.nn import sincos_positions_2d, unpatchify
 
@@ -135,10 +135,8 @@ class MAE(nn.Module):
             return "mae: no held-out images to reconstruct"
         device = next(self.parameters()).device
         images = torch.cat([b["pixel_values"] for b in eval_batches])[:8].to(device)
-        was_training = self.training
-        self.eval()
-        pictures = self.reconstruct(images, torch.Generator(device).manual_seed(cfg.train.seed))
-        self.train(was_training)
+        with eval_mode(self):
+            pictures = self.reconstruct(images, torch.Generator(device).manual_seed(cfg.train.seed))
         path = plot_reconstructions(images, pictures["hidden"], pictures["reconstruction"], self.vision.mean,
                                     self.vision.std, Path(out_dir) / "reconstructions.png",
                                     "mae: held-out images, visible patches, reconstruction")

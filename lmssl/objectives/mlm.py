@@ -39,7 +39,7 @@ from lmssl.masking import (
     whole_word_mask,
     word_start_table,
 )
-from lmssl.models import LMHead, TextBackbone
+from lmssl.models import LMHead, TextBackbone, eval_mode
 from lmssl.models.flops import transformer_flops_per_token
 
 MASKINGS = ("token", "whole_word", "span")
@@ -239,13 +239,9 @@ class MaskedLM(nn.Module):
         device = next(self.parameters()).device
         x = torch.tensor([_prefix(tokenizer) + ids], device=device)  # (1, T)
         off = len(_prefix(tokenizer))
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             h = self.hidden(x)[0, [p + off for p in positions]]  # (M, dim)
             logits = self.head(h)[:, : self.cfg.vocab_size].float()  # (M, V)
-        finally:
-            self.train(was_training)
         return logits.softmax(dim=-1).cpu()
 
 

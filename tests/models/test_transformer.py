@@ -136,3 +136,14 @@ def test_swiglu_in_matches_the_plain_gated_projection(bias):
     torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=2e-2)
     ours.float().sum().backward()
     assert x.grad.dtype == w.grad.dtype == torch.float32
+
+
+def test_eval_mode_restores_each_modules_own_mode_even_when_the_block_raises():
+    from lmssl.models import eval_mode
+
+    training, frozen = torch.nn.Dropout(0.5), torch.nn.Dropout(0.5).eval()
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(training), eval_mode(frozen):
+            assert not training.training and not frozen.training
+            raise RuntimeError("inside")
+    assert training.training and not frozen.training
