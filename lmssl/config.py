@@ -109,7 +109,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)  # extra Accelerate trackers: tensorboard, wandb, ...
     sample_prompt: str = "And God said"  # prompt for the text sample printed after training (decoders)
     sample_tokens: int = 60  # tokens generated for that sample
-    max_bad_steps: int = 0  # non-finite losses skipped before stopping (0: stop at the first)
+    max_bad_steps: int = 0  # non-finite steps skipped before stopping, checked at log/save steps (0: stop at the first)
     progress: bool = True  # tqdm progress bar on the main process
 
 

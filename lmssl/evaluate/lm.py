@@ -9,6 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lmssl.data.batches import to_device
 from lmssl.models import eval_mode
 
 
@@ -20,7 +21,7 @@ def evaluate_objective(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     n = 0
     with eval_mode(model):
         for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, device)
             with autocast() if autocast is not None else nullcontext():
                 _, metrics = model(batch)
             for k, v in metrics.items():

@@ -128,13 +128,16 @@ def masked_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def select_masked(
-    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, index: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep only the positions with a label, so a head computes logits there only.
 
     Args:
         hidden: `(B, T, D)` hidden states.
         labels: `(B, T)` long, `ignore_index` where there is nothing to predict.
+        index: `(N,)` long, ``masked_positions(labels != ignore_index)`` when the caller
+            has it already (computed on the host while the batch was made, it spares the
+            device a synchronisation); computed here otherwise.
 
     Returns:
         hidden_sel: `(N, D)`, the rows of `hidden` at labelled positions (row-major).
@@ -146,7 +149,7 @@ def select_masked(
             f"hidden must have shape (B, T, D) matching labels (B, T) = {tuple(labels.shape)}, "
             f"got {tuple(hidden.shape)}"
         )
-    flat = masked_positions(labels != ignore_index).to(hidden.device)  # (N,)
+    flat = (masked_positions(labels != ignore_index) if index is None else index).to(hidden.device)  # (N,)
     hidden_sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)  # (N, D)
     labels_sel = labels.reshape(-1).index_select(0, flat.to(labels.device))  # (N,)
     return hidden_sel, labels_sel

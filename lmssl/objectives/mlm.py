@@ -6,11 +6,14 @@ skips ~85% of the head's matmul and of the softmax that ``BertForMaskedLM`` comp
 
 Masks are drawn per step (RoBERTa's dynamic masking) from the ``mlm.*`` config:
 
-- on the CPU in :meth:`MaskedLM.prepare_batch`, from the loop's generator (the default);
+- on the CPU in :meth:`MaskedLM.prepare_batch`, from the loop's generator (the default),
+  which also lists the hidden positions (``masked_index``), so that the step on the
+  accelerator never waits for the host to learn how many there are;
 - or, with ``mlm.mask_on_device=true``, inside :meth:`MaskedLM.forward` on the
   accelerator, from a generator on that device seeded by ``batch["mask_seed"]``, which
   ``prepare_batch`` draws from the loop's generator. Both paths use the same masking
-  core, so they give the same statistics (not the same draws).
+  core, so they give the same statistics (not the same draws). This path reads the
+  mask's size on the host, one synchronisation per micro-batch.
 
 Also here: :func:`fill_mask` (top-k fills for ``[MASK]`` / ``<mask>`` in a text), the
 end-of-run fill table (:meth:`MaskedLM.report`); the ``lmssl fill-mask`` command
@@ -33,6 +36,7 @@ from lmssl.losses.vocab import linear_cross_entropy
 from lmssl.masking import (
     IGNORE_INDEX,
     bernoulli_token_mask,
+    masked_positions,
     mlm_corrupt,
     select_masked,
     span_mask,
@@ -164,6 +168,7 @@ class MaskedLM(nn.Module):
         ids = batch["input_ids"]
         attn = batch.get("attention_mask")
         batch["input_ids"], batch["labels"] = self.mask_batch(ids, attn, generator)
+        batch["masked_index"] = masked_positions(batch["labels"] != IGNORE_INDEX)  # (N,): no device sync for it later
         return batch
 
     # ------------------------------------------------------------------ forward
@@ -194,7 +199,7 @@ class MaskedLM(nn.Module):
             g = torch.Generator(device=ids.device).manual_seed(int(batch["mask_seed"]))
             ids, labels = self.mask_batch(ids, attn, g)
         h = self.hidden(ids, attn, batch.get("token_type_ids"))  # (B, T, dim)
-        h_sel, y = select_masked(h, labels, IGNORE_INDEX)  # (N, dim), (N,)
+        h_sel, y = select_masked(h, labels, IGNORE_INDEX, batch.get("masked_index"))  # (N, dim), (N,)
         # fused head + cross-entropy on the (N, dim) selected rows; with N = 0 (nothing maskable)
         # the loss is 0 and every head weight still gets a (zero) gradient, as DDP needs
         loss, correct, n = linear_cross_entropy(self.head.transform(h_sel), self.head.weight, y, self.head.bias,

@@ -4,6 +4,7 @@ small helpers beside it (run directory, checkpoints, logging, evaluation)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lmssl import objectives
 from lmssl.config import VISION_OBJECTIVES, RunConfig, config_from_dict
-from lmssl.data.batches import build_text_data, micro_batch
+from lmssl.data.batches import build_text_data, micro_batch, to_device
 from lmssl.data.images import build_image_data
 from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
@@ -29,7 +30,7 @@ from lmssl.models.flops import transformer_flops_per_token
 from lmssl.train import checkpoint as ckpt
 from lmssl.train.flops import device_peak_flops
 from lmssl.train.log import JsonlLog, plot_loss_curve
-from lmssl.train.optim import lr_factor, make_optimizer, make_schedule
+from lmssl.train.optim import lr_factor, make_optimizer, make_schedule, step_unless
 
 
 class TrainingDiverged(UserError):
@@ -43,6 +44,58 @@ class TrainState:
     tokens_seen: int = 0  # tokens (text) or images (vision objectives) trained on
     bad_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+class NonFiniteGuard:
+    """Flags, on the device, the steps whose loss or gradient norm is not finite, and counts
+    them there, so that checking a step never makes the host wait for the accelerator.
+    :meth:`settle` reads the count (a synchronisation): the loop calls it when it logs,
+    saves or stops."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.count = torch.zeros((), device=device)  # flagged steps since the last settle
+        self.last = torch.zeros(3, device=device)  # (loss, grad norm, step) of the latest flagged step
+
+    def update(self, health: torch.Tensor, step: int, grads_checked: bool = True) -> torch.Tensor:
+        """``health (3,)``: loss, gradient norm, stop flag. Returns the 0-dim float flag
+        (1.0: skip this step). ``grads_checked=False`` leaves the gradients to an fp16
+        gradient scaler, which skips overflowing steps itself and is not an error."""
+        values = health[:2] if grads_checked else health[:1]
+        bad = (~torch.isfinite(values).all()).float()
+        self.count += bad
+        seen = torch.cat([health[:2], torch.full_like(health[:1], float(step))])
+        self.last = torch.where(bad > 0, seen, self.last)
+        return bad
+
+    def settle(self) -> tuple[int, list[float]]:
+        """``(flagged steps since the last call, [loss, grad norm, step] of the latest)``."""
+        n = int(self.count)
+        self.count.zero_()
+        return n, self.last.tolist()
+
+
+class LateRead:
+    """Reads a device scalar one step after it was computed: the copy to the host starts at
+    once, and by the next step it has landed without the host waiting on the step in flight."""
+
+    def __init__(self) -> None:
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def swap(self, value: torch.Tensor) -> bool:
+        """Start reading ``value``; return whether the previous value was non-zero."""
+        previous = self.pending
+        if value.device.type == "cuda":
+            event = torch.cuda.Event()
+            self.pending = (value.to("cpu", non_blocking=True), event)  # into pinned memory
+            event.record()
+        else:
+            self.pending = (value, None)
+        if previous is None:
+            return False
+        host, event = previous
+        if event is not None:
+            event.synchronize()
+        return bool(host != 0)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -168,8 +221,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     stop = _StopSignal()
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (is_main and cfg.train.progress),
                desc=cfg.objective, unit="step", dynamic_ncols=True)
-    window: dict[str, float] = {}
-    window_steps, window_units, t_window = 0, 0, time.perf_counter()
+    window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log line, on the device
+    window_units, t_window = 0, time.perf_counter()
+    guard, stop_flag = NonFiniteGuard(accelerator.device), LateRead()
     model.train()
     while state.step < cfg.train.max_steps:
         torch.manual_seed(step_seed(cfg.train.seed, state.step, rank))
@@ -178,7 +232,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             batch, first = micro_batch(data, cfg, state.cursor, a, rank, world)
             if hasattr(objective, "prepare_batch"):
                 batch = objective.prepare_batch(batch, torch.Generator().manual_seed(step_seed(cfg.train.seed, first, 0)))
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, accelerator.device)
             sync = a == accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 loss, metrics = model(batch)
@@ -186,41 +240,41 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.float() / accum
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
-        health = torch.stack([step_metrics["loss"], grad_norm if grad_norm is not None else torch.zeros(()),
-                              torch.tensor(float(stop.requested))]).to(accelerator.device)
+        # Nothing here reads a device value on the host: a step whose loss or gradient norm
+        # is not finite is skipped on the device, and counted when the loop next logs or saves.
+        # (torch.full writes a host value with a kernel: no copy, so no wait either)
+        health = torch.stack([step_metrics["loss"], grad_norm if grad_norm is not None else torch.zeros_like(loss),
+                              torch.full_like(loss, float(stop.requested))]).float()  # (3,) on the device
         if world > 1:
-            health = accelerator.reduce(health, "sum")
-        finite = bool(torch.isfinite(health[:2]).all())
-        state.cursor += global_batch
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            state.bad_steps += 1
-            log(f"warning: non-finite loss or gradient at step {state.step + 1} ({state.bad_steps} so far); step skipped")
-            if state.bad_steps > cfg.train.max_bad_steps:
-                stop.restore()
-                last = ckpt.find_resumable(out)
-                raise TrainingDiverged(
-                    f"loss became {float(health[0]):.4g} (grad norm {float(health[1]):.4g}) at step {state.step + 1}; "
-                    f"training stopped. Last good checkpoint: {last.path if last else 'none'}. Lower optim.lr, "
-                    "raise optim.warmup_steps, or allow train.max_bad_steps")
-            continue
-        optimizer.step()
+            health = accelerator.reduce(health, "sum")  # every process skips, and stops, alike
+        bad = guard.update(health, state.step + 1, grads_checked=accelerator.scaler is None)
+        step_unless(optimizer, bad)
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        state.cursor += global_batch
         state.tokens_seen += global_batch * per_sample
-        window_steps += 1
         window_units += global_batch * per_sample
+        good = 1.0 - bad
         for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + v  # tensors: read at log time only
+            window[k] = window.get(k, 0.0) + torch.where(bad > 0, 0.0, v)  # tensors: read at log time only
         if grad_norm is not None:
-            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+            window["grad_norm"] = window.get("grad_norm", 0.0) + torch.where(bad > 0, 0.0, grad_norm)
+        window["good_steps"] = window.get("good_steps", 0.0) + good
         bar.update(1)
 
         last_step = state.step == cfg.train.max_steps
-        if state.step % cfg.train.log_every == 0 or last_step:
+        logging = state.step % cfg.train.log_every == 0 or last_step
+        saving = (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last_step
+        # one process alone reads its own flag; several read the agreed one a step late, when it is ready
+        stopping = stop.requested if world == 1 else stop_flag.swap(health[2])
+        if logging or saving or stopping:
+            _settle_bad_steps(guard, state, cfg, out, log, stop)
+
+        if logging:
             elapsed = time.perf_counter() - t_window
-            record = {k: float(v) / window_steps for k, v in window.items()}
+            good_steps = float(window.pop("good_steps"))
+            record = {k: float(v) / good_steps if good_steps else float("nan") for k, v in window.items()}
             if world > 1:
                 record = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                           for k, v in record.items()}
@@ -234,7 +288,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             bar.set_postfix({"loss": f"{record['loss']:.3f}", f"{unit[:3]}/s": f"{per_s:,.0f}",
                              "mfu": f"{record['mfu']:.1%}"})
             state.metrics = record
-            window, window_steps, window_units, t_window = {}, 0, 0, time.perf_counter()
+            window, window_units, t_window = {}, 0, time.perf_counter()
 
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last_step:
             ev = _evaluate(objective, data, cfg, accelerator)
@@ -245,8 +299,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 plot_loss_curve(out / "log.jsonl", out / "loss_curve.png", f"{cfg.objective}: {out.name}",
                                 "loss (pixel MSE)" if images else "loss (nats/token)")
 
-        stopping = bool(health[2] > 0)
-        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last_step or stopping:
+        if saving or stopping:
             _save(accelerator, model, optimizer, schedule, state, cfg)
         if stopping:
             bar.close()
@@ -261,11 +314,31 @@ def train(cfg: RunConfig) -> dict[str, Any]:
               **state.metrics}
     if is_main:
         result["loss_curve"] = str(out / "loss_curve.png") if (out / "loss_curve.png").exists() else None
-        if hasattr(objective, "report"):
+        if not math.isfinite(state.metrics.get("eval_loss", 0.0)):
+            log("no end-of-run report: the held-out loss is not finite (see the warnings above)")
+        elif hasattr(objective, "report"):
             with accelerator.autocast():
                 result["report"] = objective.report(tokenizer, data.eval_batches, cfg, out)
         (out / "final_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1))
     return result
+
+
+def _settle_bad_steps(guard: NonFiniteGuard, state: TrainState, cfg: RunConfig, out: Path, log, stop) -> None:
+    """Count the steps skipped since the last call; stop the run once more than
+    ``train.max_bad_steps`` have been."""
+    n, (loss, grad_norm, step) = guard.settle()
+    if not n:
+        return
+    state.bad_steps += n
+    log(f"warning: {n} step(s) with a non-finite loss or gradient skipped, the latest at step {int(step)} "
+        f"({state.bad_steps} so far); weights and optimizer state are as before each")
+    if state.bad_steps > cfg.train.max_bad_steps:
+        stop.restore()
+        last = ckpt.find_resumable(out)
+        raise TrainingDiverged(
+            f"loss became {loss:.4g} (grad norm {grad_norm:.4g}) at step {int(step)}; training stopped. "
+            f"Last good checkpoint: {last.path if last else 'none'}. Lower optim.lr, raise optim.warmup_steps, "
+            "or allow train.max_bad_steps")
 
 
 def _evaluate(objective, data, cfg: RunConfig, accelerator) -> dict[str, float]:

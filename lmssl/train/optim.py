@@ -40,3 +40,23 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip`` (a 0-dim float tensor on the parameters'
+    device, 1.0 = skip) is set: weights, moments and step counts are then left as they were.
+
+    Torch's fused Adam/AdamW read the flag on the device (the ``found_inf`` input that AMP's
+    gradient scaler uses), so the host never waits for the accelerator; any other optimizer
+    gets the flag read on the host, which synchronises.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate: the wrapped torch optimizer
+    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused"):
+        inner.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            if hasattr(inner, "found_inf"):  # a gradient scaler (fp16) sets and removes its own
+                del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()

@@ -4,9 +4,11 @@ seeing the same samples in the same global order (equal losses up to summation o
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,3 +63,36 @@ def test_one_to_two_processes_resume_same_global_batches(tmp_path):
     assert ref[30] < ref[1] - 1.0  # it learned
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=2e-4, abs=2e-4), step
+
+
+def worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank``."""
+    children = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()
+    for pid in children:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads torchrun's workers from /proc")
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           *args(out, "train.max_steps=400", "train.save_every=0")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and len(losses(out) if (out / "log.jsonl").exists() else ()) < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(worker_of_rank(proc.pid, 1), signal.SIGTERM)  # rank 0, which saves, never sees the signal itself
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped by signal at step" in output
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert len(saved) == 1 and 5 <= int(saved[0][5:]) < 400
+    done = torchrun(out, "train.max_steps=" + str(int(saved[0][5:]) + 3), "train.save_every=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr and max(losses(out)) == int(saved[0][5:]) + 3
