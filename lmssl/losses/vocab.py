@@ -134,9 +134,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, _grad_correct, _grad_count):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        out_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        out_w = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
-        out_b = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
+        # Scaled in place: the buffers are this node's own, and a fresh (V, D) product cost
+        # 131 ms a step on llama_small's 32000 x 768 head on a CPU, mostly page faults
+        # (a second backward through the node is refused by autograd's saved-tensor version check).
+        out_h = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        out_w = grad_w.mul_(grad_loss).to(w_dtype) if grad_w is not None else None
+        out_b = grad_b.mul_(grad_loss).to(b_dtype) if grad_b is not None else None
         return out_h, out_w, out_b, None, None, None, None, None, None
 
 
@@ -150,7 +153,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, bias: Tenso
     in the softmax. Returns ``(loss, correct, count)``: the mean loss over scored rows (a
     0-dim float32 tensor, differentiable w.r.t. ``h``, ``weight`` and ``bias``), how many
     scored rows have their target as the arg-max (no gradient), and how many rows were
-    scored. With no scored row the loss is 0 and every gradient is zero.
+    scored. With no scored row the loss is 0 and every gradient is zero. The gradients are
+    computed in the forward pass and scaled in place by the backward pass, so a graph
+    through this loss can be backpropagated once (a second ``backward`` raises).
     """
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: h must be (N, D) and weight (V, D), got {tuple(h.shape)} and "

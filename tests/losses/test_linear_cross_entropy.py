@@ -122,3 +122,18 @@ def test_chunk_rows_default_and_bad_shapes():
         linear_cross_entropy(h, w.t(), t)
     with pytest.raises(ValueError, match="vocab_size"):
         linear_cross_entropy(h, w, t, vocab_size=51)
+
+
+def test_upstream_gradient_scales_the_in_place_buffers_once_and_a_second_backward_is_refused():
+    torch.manual_seed(0)
+    h, w, b = torch.randn(10, 8), torch.randn(20, 8), torch.randn(20)
+    t = torch.randint(0, 20, (10,))
+    ours = [x.clone().requires_grad_() for x in (h, w, b)]
+    ref = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_rows=3)[0]
+    (loss * 3.0).backward(retain_graph=True)
+    (F.cross_entropy(ref[0] @ ref[1].t() + ref[2], t) * 3.0).backward()
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
