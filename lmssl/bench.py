@@ -15,11 +15,10 @@ fast-tokenizer throughput on the bundled corpus and the packing + collation time
 batch, each as a fraction of one lmssl training step.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the warm-up steps, minus
-what was allocated before the model was built. On Linux CPUs the growth of the resident
-set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with freed heap
-returned to the system by ``malloc_trim`` first) from before the model was built to the
-peak of the warm-up steps; it counts every page the process touched, so it is an
-estimate. Elsewhere it is reported as n/a.
+what was allocated before the model was built. On a CPU the same quantity, exactly: the
+bytes of the weights, buffers and optimizer state, plus the highest point that one more
+(untimed) step's tensor allocations minus frees reach, from the profiler's allocation
+events (:func:`cpu_step_peak`). Elsewhere it is reported as n/a.
 
 For ``mae`` a third contender runs in the same rounds: lmssl's MAE with an encoder that
 sees every patch (hidden ones as a mask token), the "full-sequence encoder" that MAE's
@@ -41,7 +40,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -219,6 +217,10 @@ def _reference_mae(cfg) -> tuple[nn.Module, LossFn]:
 # --- batches (tokenizer-free: random ids; the data path is timed separately)
 
 
+MEMORY_SOURCES = {
+    "cuda": "torch.cuda.max_memory_allocated over building and warming up",
+    "cpu": "tensor bytes: weights, optimizer state and one step's peak (profiler allocation events)",
+}
 MASK_ID = 3  # the shipped tokenizer's <mask>; ids 0..5 are its special tokens
 SPECIAL_IDS = tuple(range(6))
 
@@ -313,57 +315,57 @@ def _minor_faults() -> int:
 
 
 class MemoryProbe:
-    """Peak memory of what happens inside ``with probe:``, over what was in use before.
-
-    CUDA: the allocator's peak. Linux CPU: the resident-set high-water mark, reset on
-    entry (after freed heap is handed back to the system). Otherwise ``bytes`` is None.
-    """
+    """CUDA: the allocator's peak inside ``with probe:``, over what was allocated before.
+    Other devices: ``bytes`` stays None (see :func:`cpu_step_peak`)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.bytes: int | None = None
-        self.source = "n/a"
         self._base = 0
 
     def __enter__(self) -> "MemoryProbe":
-        gc.collect()
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-            self.source = "torch.cuda.max_memory_allocated"
-        elif _proc_status() is not None:
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                self._base = _proc_status()["VmRSS"]
-                self.source = "CPU resident-set growth (VmHWM - VmRSS before; estimate)"
-            except OSError:
-                self.source = "n/a"
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             _sync(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self.source != "n/a":
-            self.bytes = max(0, _proc_status()["VmHWM"] - self._base)
 
 
-def _proc_status() -> dict[str, int] | None:
-    """``VmRSS`` and ``VmHWM`` of this process in bytes (Linux), else None."""
+def _held_bytes(side: Side) -> int:
+    """Bytes of the tensors a side keeps between steps: weights, buffers, optimizer state
+    (each storage once, so tied weights count once)."""
+    tensors = [*side.model.parameters(), *side.model.buffers()]
+    tensors += [v for state in side.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def cpu_step_peak(side: Side, batch: Batch, autocast) -> int | None:
+    """Exact peak of tensor memory of one training step on a CPU, as CUDA's
+    ``max_memory_allocated`` counts it: what the side holds between steps (weights,
+    buffers, AdamW state) plus the highest point of the step's allocations minus frees,
+    read from the profiler's allocation events (gradients, activations, temporaries). None
+    where this torch's profiler does not expose them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    held = _held_bytes(side)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(side, batch, autocast)
     try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:
         return None
-    out = {}
-    for key in ("VmRSS", "VmHWM"):
-        m = re.search(rf"^{key}:\s+(\d+)\s*kB", text, re.MULTILINE)
-        if m is None:
-            return None
-        out[key] = int(m.group(1)) * 1024
-    return out
+    level = top = 0
+    for _, nbytes in sorted(events):
+        level += nbytes
+        top = max(top, level)
+    return held + top
 
 
 @contextlib.contextmanager
@@ -656,8 +658,7 @@ def run(args: argparse.Namespace) -> int:
             side = Side(name, model, loss_fn, optimizer, params)
             side.attention = describe_attention(side, batch, autocast)
             side.warmup_s = time_steps(side, batch, args.warmup, device, autocast)[0]
-        side.peak_mem = probe.bytes
-        mem_source = probe.source
+        side.peak_mem = probe.bytes if device.type == "cuda" else cpu_step_peak(side, batch, autocast)
         sides.append(side)
         print(f"  {name:<22} {params / 1e6:8.2f}M params, attention: {side.attention}, warm-up {side.warmup_s:.1f}s",
               flush=True)
@@ -691,7 +692,7 @@ def run(args: argparse.Namespace) -> int:
         "config": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
         **({"vision": cfg.to_dict()["vision"], "mae": cfg.to_dict()["mae"]} if images else {}),
         f"flops_per_{family.unit[:-1]}": unit_flops(lm), "peak_flops": peak, "peak_source": peak_source,
-        "memory_source": mem_source, "allocator": _allocator_line(args) if device.type == "cpu" else None,
+        "memory_source": MEMORY_SOURCES.get(device.type, "n/a"), "allocator": _allocator_line(args) if device.type == "cpu" else None,
         **_ratios(lm, ref),
         "data": data,
     }

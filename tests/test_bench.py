@@ -28,6 +28,8 @@ def test_bench_gpt_tiny_smoke(tmp_path, capsys):
     assert r["device"] == "cpu" and r["torch"] and r["config"]["n_layers"] == 4
     assert r["data"]["tokenize_tokens_per_s"] > 0 and r["data"]["collate_s_per_batch"] > 0
     assert r["allocator"] and all(r[side]["page_faults_per_step"] >= 0 for side in ("lmssl", "reference"))
+    # exact tensor bytes: at least weights, gradients and both AdamW moments (4 copies of the parameters)
+    assert all(r[side]["peak_mem_bytes"] > 4 * 4 * r[side]["params"] for side in ("lmssl", "reference"))
     text = capsys.readouterr().out
     assert "lmssl / transformers throughput" in text and "minor page faults per step" in text
 
@@ -58,3 +60,30 @@ def test_bench_bad_args(capsys):
     assert "--seq-len is for text models" in capsys.readouterr().err
     assert main(["bench", "gpt", "--rounds", "0"]) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_cpu_step_peak_counts_held_tensors_gradients_and_activations():
+    """The CPU peak-memory figure: exact bytes held between steps, and a step's peak that
+    grows with the activations of a bigger batch."""
+    import contextlib
+
+    import torch
+    from torch import nn
+
+    from lmssl.bench import Side, _held_bytes, cpu_step_peak, train_step
+
+    torch.manual_seed(0)
+    D = 256
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D))
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    side = Side("toy", model, lambda b: model(b["x"]).square().mean(), optimizer, 0)
+    train_step(side, {"x": torch.randn(8, D)}, contextlib.nullcontext)  # creates the AdamW state
+    params = list(model.parameters())
+    weights = sum(p.numel() * 4 for p in params)
+    assert _held_bytes(side) == 3 * weights + 4 * len(params)  # weights, two moments, a step count each
+
+    small = cpu_step_peak(side, {"x": torch.randn(64, D)}, contextlib.nullcontext)
+    big = cpu_step_peak(side, {"x": torch.randn(64 + 1024, D)}, contextlib.nullcontext)
+    assert small >= _held_bytes(side) + weights  # the gradients are alive at the end of the step
+    rows = 1024 * D * 4  # bytes of one (1024, D) float32 activation
+    assert 2 * rows <= big - small <= 8 * rows  # tanh's and the last layer's outputs are kept for backward
