@@ -248,9 +248,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         raise UserError(f"config key '{key}' expects a number, got {value!r}")
     if typ is str:
+        if value is False:  # YAML 1.1 reads a bare `no` (or off, false) as False: `mixed_precision: no`
+            return "no"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"config key '{key}' expects a string, got {value!r}")
+        quote = " (YAML reads a bare yes, on or true as a boolean: quote the value)" if value is True else ""
+        raise UserError(f"config key '{key}' expects a string, got {value!r}{quote}")
     return value
 
 

@@ -48,3 +48,14 @@ def test_fingerprint_ignores_training_length():
 def test_parse_overrides_lists():
     assert parse_overrides(["data.train_files=[a.txt, b.txt]"]) == {"data": {"train_files": ["a.txt", "b.txt"]}}
     assert isinstance(RunConfig().to_dict(), dict)
+
+
+def test_mixed_precision_no_survives_yaml_reading_it_as_false(tmp_path):
+    """YAML 1.1 reads a bare `no` as False; the documented value `no` must still work,
+    on the command line and in a recipe file."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(recipe).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="expects a string, got True .YAML reads a bare yes"):
+        load_config(None, ["train.mixed_precision=yes"])
