@@ -199,13 +199,25 @@ class MaskedLM(nn.Module):
             g = torch.Generator(device=ids.device).manual_seed(int(batch["mask_seed"]))
             ids, labels = self.mask_batch(ids, attn, g)
         h = self.hidden(ids, attn, batch.get("token_type_ids"))  # (B, T, dim)
-        h_sel, y = select_masked(h, labels, IGNORE_INDEX, batch.get("masked_index"))  # (N, dim), (N,)
-        # fused head + cross-entropy on the (N, dim) selected rows; with N = 0 (nothing maskable)
-        # the loss is 0 and every head weight still gets a (zero) gradient, as DDP needs
-        loss, correct, n = linear_cross_entropy(self.head.transform(h_sel), self.head.weight, y, self.head.bias,
-                                                vocab_size=self.cfg.vocab_size)
+        loss, correct, n = self.masked_loss(h, labels, batch.get("masked_index"))
         accuracy = correct / n.clamp(min=1)
         return loss, {"loss": loss.detach(), "accuracy": accuracy, "masked_tokens": n.float()}
+
+    @torch.compiler.disable
+    def masked_loss(self, h: torch.Tensor, labels: torch.Tensor,
+                    index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head + cross-entropy on the masked rows only: ``h (B, T, dim)``, ``labels (B, T)``
+        -> ``(loss, correct, count)``. With N = 0 (nothing maskable) the loss is 0 and every
+        head weight still gets a (zero) gradient, as DDP needs.
+
+        Left out of ``torch.compile``: the number of masked rows changes every batch, and a
+        compiled graph specialises on it (the chunk loop over rows), so it recompiled at
+        each step until dynamo's recompile limit sent the whole forward back to eager; the
+        backbone, whose shapes are fixed, compiles once.
+        """
+        h_sel, y = select_masked(h, labels, IGNORE_INDEX, index)  # (N, dim), (N,)
+        return linear_cross_entropy(self.head.transform(h_sel), self.head.weight, y, self.head.bias,
+                                    vocab_size=self.cfg.vocab_size)
 
     # ------------------------------------------------------------------ end-of-run picture
 

@@ -81,6 +81,30 @@ def test_masked_only_head_equals_full_head_at_masked_positions(tok):
     assert metrics["accuracy"] == (at_mask.argmax(-1) == y).float().mean()
 
 
+def test_compiled_forward_stops_recompiling_whatever_the_number_of_masked_rows(tok):
+    """The masked-row count changes every batch; the backbone's graph must not follow it
+    (dynamo's 'eager' backend: the same tracing and guards as the real one, no codegen)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = build(tiny_cfg(tokenizer=tok), tok)
+    compiled = torch.compile(model, backend="eager")
+    ids = corpus_rows(tok, 4, 32)
+    counts, graphs = set(), []
+    for seed in range(8):
+        batch = model.prepare_batch({"input_ids": ids}, torch.Generator().manual_seed(seed))
+        counts.add(batch["masked_index"].numel())
+        loss, _ = compiled(batch)
+        torch.testing.assert_close(loss, model(batch)[0])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(counts) >= 5  # the batches really differ in masked rows
+    # the first batch compiles, the second makes masked_index's length dynamic; then nothing more
+    assert graphs[1] == graphs[-1] <= 4, graphs
+    torch._dynamo.reset()
+
+
 def test_flops_count_the_head_only_at_masked_positions(tok):
     model = build(tiny_cfg("mlm.mask_rate=0.2", tokenizer=tok), tok)
     m = model.cfg
