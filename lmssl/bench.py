@@ -354,15 +354,20 @@ def cpu_step_peak(side: Side, batch: Batch, autocast) -> int | None:
     where this torch's profiler does not expose them."""
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     held = _held_bytes(side)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(side, batch, autocast)
+    gc.disable()  # a collection inside the step would free tensors from before it and lower the count
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            train_step(side, batch, autocast)
+    finally:
+        gc.enable()
     try:
         events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except AttributeError:
         return None
     level = top = 0
-    for _, nbytes in sorted(events):
+    for _, nbytes in sorted(events, key=lambda e: (e[0], e[1] < 0)):  # at equal times, allocations first
         level += nbytes
         top = max(top, level)
     return held + top

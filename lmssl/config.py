@@ -211,6 +211,10 @@ def _unknown(key: str) -> UserError:
     return UserError(f"unknown config key '{key}'{hint}")
 
 
+# string keys whose documented values include "no", which YAML reads as False when bare
+NO_IS_A_VALUE = {"train.mixed_precision"}
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check ``value`` against the annotation ``typ``; convert the harmless cases (int -> float)."""
     origin = typing.get_origin(typ)
@@ -248,11 +252,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         raise UserError(f"config key '{key}' expects a number, got {value!r}")
     if typ is str:
-        if value is False:  # YAML 1.1 reads a bare `no` (or off, false) as False: `mixed_precision: no`
+        if value is False and key in NO_IS_A_VALUE:  # YAML 1.1 reads a bare `no` as False
             return "no"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        quote = " (YAML reads a bare yes, on or true as a boolean: quote the value)" if value is True else ""
+        quote = " (YAML reads a bare yes/no, on/off, true/false as a boolean: quote the value)" \
+            if isinstance(value, bool) else ""
         raise UserError(f"config key '{key}' expects a string, got {value!r}{quote}")
     return value
 

@@ -59,3 +59,7 @@ def test_mixed_precision_no_survives_yaml_reading_it_as_false(tmp_path):
     assert load_config(recipe).train.mixed_precision == "no"
     with pytest.raises(UserError, match="expects a string, got True .YAML reads a bare yes"):
         load_config(None, ["train.mixed_precision=yes"])
+    # any other string key keeps refusing a bare no/off rather than turning it into "no"
+    for override in ("data.text_column=off", "train.output_dir=no", "mlm.masking=false"):
+        with pytest.raises(UserError, match="quote the value"):
+            load_config(None, [override])

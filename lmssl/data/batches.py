@@ -85,9 +85,11 @@ def micro_batch(data, cfg: RunConfig, cursor: int, micro_step: int, rank: int, w
     return data.train.batch(idx), start
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """Move a CPU batch to ``device`` without making the host wait: on CUDA each tensor is
     copied from page-locked (pinned) memory, so the copy runs while the accelerator is still
     busy with the previous step."""
+    device = torch.device(device)
     pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" and not v.is_pinned() else v).to(device, non_blocking=True)
+            for k, v in batch.items()}

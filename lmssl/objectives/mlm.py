@@ -192,14 +192,14 @@ class MaskedLM(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["input_ids"]
         attn = batch.get("attention_mask")
-        labels = batch.get("labels")
+        labels, index = batch.get("labels"), batch.get("masked_index")
         if labels is None:
             if "mask_seed" not in batch:
                 raise ValueError("batch has neither labels nor mask_seed; pass it through MaskedLM.prepare_batch first")
             g = torch.Generator(device=ids.device).manual_seed(int(batch["mask_seed"]))
-            ids, labels = self.mask_batch(ids, attn, g)
+            ids, labels, index = *self.mask_batch(ids, attn, g), None  # a fresh mask: its positions are found here
         h = self.hidden(ids, attn, batch.get("token_type_ids"))  # (B, T, dim)
-        loss, correct, n = self.masked_loss(h, labels, batch.get("masked_index"))
+        loss, correct, n = self.masked_loss(h, labels, index)
         accuracy = correct / n.clamp(min=1)
         return loss, {"loss": loss.detach(), "accuracy": accuracy, "masked_tokens": n.float()}
 

@@ -39,7 +39,7 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class TrainState:
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps taken, the skipped ones (non-finite loss or gradient) included
     cursor: int = 0  # global sample cursor (see lmssl.data.batches)
     tokens_seen: int = 0  # tokens (text) or images (vision objectives) trained on
     bad_steps: int = 0
@@ -240,27 +240,32 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.float() / accum
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+        grad_norm = _device_scalar(grad_norm, step_metrics["loss"])
         # Nothing here reads a device value on the host: a step whose loss or gradient norm
         # is not finite is skipped on the device, and counted when the loop next logs or saves.
         # (torch.full writes a host value with a kernel: no copy, so no wait either)
-        health = torch.stack([step_metrics["loss"], grad_norm if grad_norm is not None else torch.zeros_like(loss),
-                              torch.full_like(loss, float(stop.requested))]).float()  # (3,) on the device
+        health = torch.stack([step_metrics["loss"].float(), grad_norm,
+                              torch.full_like(grad_norm, float(stop.requested))])  # (3,) on the device
         if world > 1:
             health = accelerator.reduce(health, "sum")  # every process skips, and stops, alike
         bad = guard.update(health, state.step + 1, grads_checked=accelerator.scaler is None)
-        step_unless(optimizer, bad)
+        if accelerator.scaler is None:
+            step_unless(optimizer, bad)
+        else:  # fp16: the gradient scaler skips the steps whose gradients overflow; it must see every step
+            optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.cursor += global_batch
         state.tokens_seen += global_batch * per_sample
         window_units += global_batch * per_sample
-        good = 1.0 - bad
+        # log averages over the steps that updated the weights (and, under fp16, were not overflows)
+        counted = torch.isfinite(health[:2]).all()
         for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + torch.where(bad > 0, 0.0, v)  # tensors: read at log time only
-        if grad_norm is not None:
-            window["grad_norm"] = window.get("grad_norm", 0.0) + torch.where(bad > 0, 0.0, grad_norm)
-        window["good_steps"] = window.get("good_steps", 0.0) + good
+            window[k] = window.get(k, 0.0) + torch.where(counted, v, 0.0)  # tensors: read at log time only
+        if cfg.train.grad_clip > 0:
+            window["grad_norm"] = window.get("grad_norm", 0.0) + torch.where(counted, grad_norm, 0.0)
+        window["good_steps"] = window.get("good_steps", 0.0) + counted.float()
         bar.update(1)
 
         last_step = state.step == cfg.train.max_steps
@@ -321,6 +326,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 result["report"] = objective.report(tokenizer, data.eval_batches, cfg, out)
         (out / "final_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1))
     return result
+
+
+def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float32 tensor on ``like``'s device: from a tensor, a DTensor (FSDP2's
+    gradient norm), a Python number (DeepSpeed's), or None (no clipping: 0)."""
+    if value is None:
+        return torch.zeros_like(like, dtype=torch.float32)
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=torch.float32)
+    return torch.full_like(like, float(value), dtype=torch.float32)
 
 
 def _settle_bad_steps(guard: NonFiniteGuard, state: TrainState, cfg: RunConfig, out: Path, log, stop) -> None:

@@ -65,3 +65,12 @@ def test_a_diverged_run_skips_its_bad_steps_and_keeps_finite_weights(tmp_path, c
     assert all(torch.equal(saved[4][k], saved[8][k]) for k in saved[4])
     assert ckpt.load_trainer_state(out / "checkpoints" / "step_0000008")["bad_steps"] == \
         ckpt.load_trainer_state(out / "checkpoints" / "step_0000004")["bad_steps"] + 4
+
+
+def test_gradient_norms_of_every_kind_become_one_device_scalar():
+    from lmssl.train.loop import _device_scalar
+
+    like = torch.tensor(3.0, dtype=torch.bfloat16)
+    for value, expected in ((None, 0.0), (2.5, 2.5), (torch.tensor(4.0, dtype=torch.float64), 4.0)):
+        out = _device_scalar(value, like)  # DeepSpeed gives a float, no clipping gives None
+        assert out.shape == () and out.dtype == torch.float32 and float(out) == expected
