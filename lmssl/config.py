@@ -119,7 +119,7 @@ class MLMConfig:
     mask_token_prob: float = 0.8  # chosen tokens replaced by the mask token
     random_token_prob: float = 0.1  # chosen tokens replaced by a random token (rest unchanged)
     masking: str = "token"  # token | whole_word | span
-    mask_on_device: bool = False  # mask on the accelerator instead of in the CPU collator
+    mask_on_device: bool = False  # mask on the accelerator instead of in the CPU collator (reads the mask size back: one sync per micro-batch)
     fill_examples: int = 4  # held-out sentences shown with top-3 fills at the end
 
 
