@@ -239,7 +239,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 accelerator.backward(loss / accum)
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.float() / accum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+        if cfg.train.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        else:  # not clipped, still checked: a NaN gradient under a finite loss must not reach the weights
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         grad_norm = _device_scalar(grad_norm, step_metrics["loss"])
         # Nothing here reads a device value on the host: a step whose loss or gradient norm
         # is not finite is skipped on the device, and counted when the loop next logs or saves.
@@ -330,7 +333,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
     """A 0-dim float32 tensor on ``like``'s device: from a tensor, a DTensor (FSDP2's
-    gradient norm), a Python number (DeepSpeed's), or None (no clipping: 0)."""
+    gradient norm), a Python number (DeepSpeed's), or None (0)."""
     if value is None:
         return torch.zeros_like(like, dtype=torch.float32)
     if hasattr(value, "full_tensor"):

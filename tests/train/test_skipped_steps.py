@@ -74,3 +74,28 @@ def test_gradient_norms_of_every_kind_become_one_device_scalar():
     for value, expected in ((None, 0.0), (2.5, 2.5), (torch.tensor(4.0, dtype=torch.float64), 4.0)):
         out = _device_scalar(value, like)  # DeepSpeed gives a float, no clipping gives None
         assert out.shape == () and out.dtype == torch.float32 and float(out) == expected
+
+
+def test_nan_gradients_under_a_finite_loss_are_skipped_without_clipping(tmp_path, capsys, monkeypatch):
+    """Fault injection: one weight's gradient is made NaN in every step while the loss stays
+    finite; with train.grad_clip=0 nothing else would look at the gradients."""
+    import lmssl.objectives as objectives
+
+    build = objectives.build
+
+    def build_with_a_poisoned_gradient(cfg, tokenizer):
+        model = build(cfg, tokenizer)
+        next(model.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
+        return model
+
+    monkeypatch.setattr(objectives, "build", build_with_a_poisoned_gradient)
+    out = tmp_path / "run"
+    cfg = load_config(ROOT / "recipes" / "gpt_tiny.yaml",
+                      TINY + [f"train.output_dir={out}", "train.max_steps=4", "train.eval_every=0",
+                              "train.save_every=2", "train.sample_tokens=2", "train.grad_clip=0",
+                              "train.max_bad_steps=100"])
+    train(cfg)
+    first, last = (load_file(out / "checkpoints" / f"step_{s:07d}" / "model.safetensors") for s in (2, 4))
+    assert all(torch.isfinite(t).all() for t in last.values())
+    assert all(torch.equal(first[k], last[k]) for k in first)  # every step skipped: nothing moved
+    assert ckpt.load_trainer_state(out / "checkpoints" / "step_0000004")["bad_steps"] == 4
