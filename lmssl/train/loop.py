@@ -239,23 +239,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 accelerator.backward(loss / accum)
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.float() / accum
-        if cfg.train.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        else:  # not clipped, still checked: a NaN gradient under a finite loss must not reach the weights
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        grad_norm = _device_scalar(grad_norm, step_metrics["loss"])
-        # Nothing here reads a device value on the host: a step whose loss or gradient norm
-        # is not finite is skipped on the device, and counted when the loop next logs or saves.
-        # (torch.full writes a host value with a kernel: no copy, so no wait either)
-        health = torch.stack([step_metrics["loss"].float(), grad_norm,
-                              torch.full_like(grad_norm, float(stop.requested))])  # (3,) on the device
-        if world > 1:
-            health = accelerator.reduce(health, "sum")  # every process skips, and stops, alike
-        bad = guard.update(health, state.step + 1, grads_checked=accelerator.scaler is None)
-        if accelerator.scaler is None:
-            step_unless(optimizer, bad)
-        else:  # fp16: the gradient scaler skips the steps whose gradients overflow; it must see every step
-            optimizer.step()
+        health, grad_norm = _checked_step(accelerator, model, optimizer, guard, cfg, step_metrics["loss"],
+                                          state.step + 1, stop.requested)
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -329,6 +314,31 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 result["report"] = objective.report(tokenizer, data.eval_batches, cfg, out)
         (out / "final_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1))
     return result
+
+
+def _checked_step(accelerator, model, optimizer, guard: NonFiniteGuard, cfg: RunConfig, loss: torch.Tensor,
+                  step: int, stop_requested: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip (or just measure) the gradients and take the optimizer step, or skip it when the
+    loss or gradient norm is not finite, without reading a device value on the host: the
+    skip happens on the device and ``guard`` counts it until the loop next logs or saves.
+    Returns ``health (3,)`` (loss, gradient norm, stop flag, summed over processes) and
+    this process's gradient norm."""
+    if cfg.train.grad_clip > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    else:  # not clipped, still checked: a NaN gradient under a finite loss must not reach the weights
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    grad_norm = _device_scalar(grad_norm, loss)
+    # (torch.full writes a host value with a kernel: no copy, so no wait either)
+    health = torch.stack([loss.float(), grad_norm, torch.full_like(grad_norm, float(stop_requested))])
+    if accelerator.num_processes > 1:
+        health = accelerator.reduce(health, "sum")  # every process skips, and stops, alike
+    fp16 = accelerator.scaler is not None
+    bad = guard.update(health, step, grads_checked=not fp16)
+    if fp16:  # the gradient scaler skips the steps whose gradients overflow; it must see every step
+        optimizer.step()
+    else:
+        step_unless(optimizer, bad)
+    return health, grad_norm
 
 
 def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:

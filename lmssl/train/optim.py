@@ -56,7 +56,7 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
         try:
             optimizer.step()
         finally:
-            if hasattr(inner, "found_inf"):  # a gradient scaler (fp16) sets and removes its own
+            if hasattr(inner, "found_inf"):  # (an fp16 gradient scaler, if any, removes it itself)
                 del inner.found_inf
     elif not bool(skip):
         optimizer.step()
