@@ -10,22 +10,19 @@ the mean NT-Xent over its own 2b rows, with negatives gathered from both ranks.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from _dist_util import run_workers
 from lmssl.losses import nt_xent
 
 WORLD = 2
 N, D_IN, D = 8, 6, 5  # global pairs, input width, embedding width
 TEMPERATURE = 0.3
 WORKER = Path(__file__).with_name("_nt_xent_dist_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +41,7 @@ def run(tmp_path_factory):
         "temperature": TEMPERATURE,
     }
     torch.save(inp, workdir / "inputs.pt")
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(workdir), str(WORLD), str(rank)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for rank, proc in enumerate(procs):
-            logs.append(proc.communicate(timeout=90)[0])
-            assert proc.returncode == 0, f"rank {rank} failed:\n{logs[-1]}"
-    finally:
-        for proc in procs:  # a rank that died leaves the other waiting in a collective
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    outs = [torch.load(workdir / f"rank{r}.pt") for r in range(WORLD)]
+    outs = run_workers(WORKER, workdir, WORLD)
     return inp, outs
 
 
