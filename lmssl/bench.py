@@ -120,20 +120,21 @@ def _mae_sizes() -> dict[str, Size]:
 
 
 def _lmssl_mae(cfg) -> tuple[nn.Module, LossFn]:
-    from lmssl.objectives.mae import build
+    from lmssl.objectives.mae import MAE
 
-    model = build(cfg)
-    return model, model
+    model = MAE.build(cfg)
+    return model, lambda b: model.loss_on(b["pixel_values"])[0]
 
 
 def _lmssl_mae_full_encoder(cfg) -> tuple[nn.Module, LossFn]:
     """The same MAE with an encoder that runs on every patch (hidden ones as a mask token)."""
     from dataclasses import replace
 
-    from lmssl.objectives.mae import build
+    from lmssl.objectives.mae import MAE
 
-    model = build(replace(cfg, mae=replace(cfg.mae, encoder_mask_token=True)))
-    return model, model
+    cfg.sections["mae"] = replace(cfg.mae, encoder_mask_token=True)
+    model = MAE.build(cfg)
+    return model, lambda b: model.loss_on(b["pixel_values"])[0]
 
 
 def _lmssl_masked(cfg) -> tuple[nn.Module, LossFn]:
@@ -457,17 +458,18 @@ def measure_data_path(cfg, batch_size: int, step_s: float, objective: nn.Module,
 
 
 def measure_image_data_path(cfg, batch_size: int, step_s: float, objective: nn.Module, batches: int = 10) -> dict:
-    """Decoding, random crop + flip, resize and normalisation of PNG images through
-    ``datasets`` and :class:`lmssl.data.images.ImageSamples` (as in training), plus the
-    objective's ``prepare_batch`` (the mask draw), per batch and as a fraction of a step.
-    The images are random pixels at 1.25x the model's size, so every one is resized."""
+    """The CPU side of an image step, as in training: decoding PNG images through ``datasets``
+    and :class:`lmssl.data.images.ImageSource` (resized to the model's size), drawing the
+    views' parameters, and the objective's ``prepare_batch`` (the mask draw), per batch and
+    as a fraction of a step. The images are random pixels at 1.25x the model's size, so
+    every one is resized. (The views themselves are cut on the device, inside the step.)"""
     import io
 
     import datasets
     import numpy as np
     from PIL import Image
 
-    from lmssl.data.images import ImageSamples
+    from lmssl.data.images import ImageSource
 
     side = cfg.vision.image_size * 5 // 4
     rng = np.random.default_rng(0)
@@ -476,8 +478,8 @@ def measure_image_data_path(cfg, batch_size: int, step_s: float, objective: nn.M
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
         pngs.append({"bytes": buf.getvalue(), "path": None})
-    ds = datasets.Dataset.from_dict({"image": pngs}).cast_column("image", datasets.Image())
-    samples = ImageSamples(ds, cfg.vision, 0, augment=True)
+    ds = datasets.Dataset.from_dict({"image": pngs}).cast_column("image", datasets.Image(decode=False))
+    samples = ImageSource(ds, cfg.vision, 0, shuffle=True, views=objective.views)
     gen = torch.Generator().manual_seed(0)
     samples.batch_at(0, batch_size)  # warm-up
     t = time.perf_counter()
@@ -657,7 +659,7 @@ def run(args: argparse.Namespace) -> int:
                 _checkpoint_activations(model, name)
             params = sum(p.numel() for p in model.parameters())
             optimizer = make_optimizer(model, cfg.optim, device.type)
-            if name != "transformers":  # lmssl objectives return (loss, metrics)
+            if name != "transformers" and not images:  # lmssl text objectives return (loss, metrics)
                 model_fn = torch.compile(model) if args.compile else model
                 loss_fn = (lambda f: lambda b: f(b)[0])(model_fn)
             side = Side(name, model, loss_fn, optimizer, params)

@@ -75,7 +75,7 @@ def resolve_recipe(recipe: str) -> str:
     """A path, or the name of a shipped recipe (``gpt_tiny`` -> recipes/gpt_tiny.yaml)."""
     if os.path.exists(recipe):
         return recipe
-    from lmssl.recipes import recipe_path
+    from lmssl.runs.recipes import recipe_path
 
     return str(recipe_path(recipe))
 
@@ -96,7 +96,11 @@ def print_summary(cfg, result: dict) -> None:
     lines = ["", f"== {cfg.objective} run {cfg.train.output_dir}: step {result['step']}, "
                  f"{result.get(f'{unit}_seen', 0):,} {unit} seen =="]
     named = {"eval_loss": "held-out loss", "eval_perplexity": "perplexity", "eval_bits_per_byte": "bits per byte",
-             "eval_accuracy": "masked-token accuracy" if cfg.objective == "mlm" else "held-out accuracy"}
+             "eval_accuracy": "held-out accuracy", "eval_knn_accuracy": "k-NN accuracy (monitor)",
+             "eval_probe_accuracy": "online probe accuracy"}
+    from lmssl import objectives
+
+    named.update({f"eval_{k}": v for k, v in objectives.get(cfg.objective).metric_names.items()})
     # every held-out metric the objective reports (CPC adds one accuracy per offset), then speed
     keys = list(named) + sorted(k for k in result if k.startswith("eval_") and k not in named)
     speed = f"{unit}_per_s"
@@ -138,16 +142,16 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from lmssl.errors import UserError
-    from lmssl.models.generate import generate
-    from lmssl.train.loop import load_run
+    from lmssl.runs import load_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, tokenizer = load_run(args.run_dir, device)
-    if cfg.objective != "clm":
-        raise UserError(f"{args.run_dir} is a '{cfg.objective}' run; generate needs a causal LM (objective clm)")
+    if not callable(getattr(model, "generate", None)):
+        raise UserError(f"{args.run_dir} is a '{cfg.objective}' run, which does not generate text; generate needs a "
+                        "causal LM (objective clm)")
     for i in range(args.num_samples):
-        text = generate(model.backbone, model.head, tokenizer, args.prompt, args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + i)
+        text = model.generate(tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed + i)
         print(text if args.num_samples == 1 else f"--- sample {i + 1}\n{text}")
     return 0
 
@@ -164,32 +168,23 @@ def add_fill_mask_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fill_mask(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     import torch
 
+    from lmssl import objectives
     from lmssl.errors import UserError
-    from lmssl.objectives.mlm import fill_mask, show_piece, split_on_masks
-    from lmssl.train.loop import load_run
+    from lmssl.objectives.mlm import show_piece, split_on_masks
+    from lmssl.runs import load_run, run_objective
 
-    run_file = Path(args.run_dir) / "run.json"
-    if run_file.is_file():  # refuse other objectives before loading any weights
-        try:
-            objective = json.loads(run_file.read_text())["config"].get("objective", "clm")
-        except (ValueError, KeyError, AttributeError):
-            objective = None
-        if objective is not None and objective != "mlm":
-            raise UserError(f"{args.run_dir} is a '{objective}' run; fill-mask needs a masked-LM run (objective mlm)")
+    name = run_objective(args.run_dir)  # refuse other objectives before loading any weights
+    if name is not None and name in objectives.names() and not hasattr(objectives.get(name), "fill_mask"):
+        raise UserError(f"{args.run_dir} is a '{name}' run; fill-mask needs a masked-LM run (objective mlm)")
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, cfg, tokenizer = load_run(args.run_dir, device)
-    if cfg.objective != "mlm":
-        raise UserError(f"{args.run_dir} is a '{cfg.objective}' run; fill-mask needs a masked-LM run (objective mlm)")
-    fills = fill_mask(model, tokenizer, args.text, args.top_k)
+    fills = model.fill_mask(tokenizer, args.text, args.top_k)
     pieces = split_on_masks(tokenizer, args.text)
     others = [" [MASK]" if raw.endswith(" ") else "[MASK]" for raw in split_on_masks(tokenizer, args.text, False)]
     print(args.text)

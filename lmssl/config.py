@@ -21,16 +21,14 @@ from typing import Any
 
 import yaml
 
+from lmssl import registry
 from lmssl.errors import UserError
-
-
-VISION_OBJECTIVES = ("mae",)  # objectives that read images instead of text
 
 
 @dataclass
 class ModelConfig:
     preset: str = ""  # named size/architecture preset that fills the fields below
-    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | vit | custom
+    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | vit | resnet | custom
     vocab_size: int = 0  # 0: taken from the tokenizer
     pad_vocab_multiple: int = 64  # embedding rows padded up to a multiple of this (speed); padded ids are never predicted
     max_positions: int = 1024  # longest sequence the position table / RoPE cache supports
@@ -55,6 +53,7 @@ class ModelConfig:
     head_bias: bool = False  # bias on the vocabulary projection
     causal: bool = True  # default attention direction of the core; objectives may override per call
     init_std: float = 0.02  # std of the normal initialisation of weights
+    stem: str = "imagenet"  # resnet family only: imagenet (7x7 conv + max-pool) | cifar (3x3 conv, no pool: images of ~32 px)
 
 
 @dataclass
@@ -75,10 +74,12 @@ class DataConfig:
     packing: bool = True  # pack documents into full blocks; False: one document per row, padded (line-by-line)
     num_proc: int = 0  # processes for tokenization (0: one)
     eval_blocks: int = 64  # validation blocks (images, for image objectives) used for each evaluation (0: all)
+    num_workers: int = 0  # image runs: DataLoader worker processes that decode images (0: in the training process)
 
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | lars (layer-wise adaptive rate scaling, for large-batch SimCLR/BYOL; biases and norms excluded)
     lr: float = 6e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
     weight_decay: float = 0.1  # decoupled weight decay, applied to matrices only
@@ -88,6 +89,8 @@ class OptimConfig:
     warmup_steps: int = 100  # linear warm-up steps
     schedule: str = "cosine"  # cosine | linear | constant
     fused: bool = True  # fused AdamW kernel where the device supports it
+    momentum: float = 0.9  # LARS momentum
+    lars_eta: float = 0.001  # LARS trust coefficient (the LARS paper, SimCLR, BYOL, VICReg)
 
 
 @dataclass
@@ -114,31 +117,14 @@ class TrainConfig:
 
 
 @dataclass
-class MLMConfig:
-    mask_rate: float = 0.15  # fraction of tokens chosen for prediction
-    mask_token_prob: float = 0.8  # chosen tokens replaced by the mask token
-    random_token_prob: float = 0.1  # chosen tokens replaced by a random token (rest unchanged)
-    masking: str = "token"  # token | whole_word | span
-    mask_on_device: bool = False  # mask on the accelerator instead of in the CPU collator (reads the mask size back: one sync per micro-batch)
-    fill_examples: int = 4  # held-out sentences shown with top-3 fills at the end
-
-
-@dataclass
-class CPCConfig:
-    segment_len: int = 8  # tokens per segment; each segment becomes one latent z_t
-    encoder_layers: int = 2  # layers of the bidirectional segment encoder
-    prediction_steps: int = 4  # K: predict z_{t+1} .. z_{t+K}
-    temperature: float = 0.1  # InfoNCE temperature
-    negatives: str = "batch"  # batch: all other (sequence, time) latents | sequence: other times of the same sequence
-
-
-@dataclass
 class VisionConfig:
     image_size: int = 224  # square input images, in pixels (a multiple of patch_size)
     patch_size: int = 16  # square patches; each becomes one token
     channels: int = 3  # colour channels (3: RGB, 1: greyscale)
     image_column: str = "image"  # column holding the images in a Hugging Face dataset (CIFAR-10: img)
     label_column: str = "label"  # class labels, for lmssl probe (image folders: one sub-folder per class)
+    load_size: int = 0  # images are decoded and resized to this square size on the CPU before the views are cut (0: image_size)
+    num_classes: int = 0  # classes of the labels the monitors read (0: taken from the data; no labels: monitors that need them are off)
     crop_min_scale: float = 0.2  # training crops cover a random 20-100% of the image's area, then are resized
     hflip: bool = True  # flip training images left-right half of the time
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel normalisation (ImageNet's)
@@ -146,38 +132,58 @@ class VisionConfig:
 
 
 @dataclass
-class MAEConfig:
-    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
-    decoder_dim: int = 512  # width of the (narrower) decoder
-    decoder_layers: int = 8  # decoder blocks
-    decoder_heads: int = 16  # decoder attention heads
-    norm_pix_loss: bool = True  # regress each patch's pixels normalised by its own mean and variance
-    encoder_mask_token: bool = False  # True: the encoder sees every patch, hidden ones as a mask token (MAE's slower ablation)
+class MonitorConfig:
+    knn_k: int = 20  # neighbours of the k-NN monitor (weighted vote, cosine similarity)
+    bank_images: int = 2000  # labelled training images whose features form the k-NN bank at each evaluation (0: off)
+    query_images: int = 1000  # held-out images classified by the k-NN monitor and scored for collapse
+    online_probe: bool = True  # train a linear classifier on detached features during pretraining (image runs with labels)
+    probe_lr: float = 1e-3  # peak learning rate of the online probe (AdamW group of its own, no weight decay)
+
+
+def _objective_sections() -> dict[str, Any]:
+    return {name: cls() for name, cls in registry.sections().items()}
 
 
 @dataclass
 class RunConfig:
-    objective: str = "clm"  # clm | mlm | cpc (text) | mae (images)
+    """A run: the shared sections below, plus one section per registered objective
+    (``mlm``, ``cpc``, ``mae``, ...: each objective's file defines its dataclass), read
+    as ``cfg.mae`` and written in YAML as a top-level ``mae:`` mapping."""
+
+    objective: str = "clm"  # a registered objective: clm | mlm | cpc (text), mae, ... (images); see lmssl.objectives
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    mlm: MLMConfig = field(default_factory=MLMConfig)
-    cpc: CPCConfig = field(default_factory=CPCConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)  # image geometry for vision models
-    mae: MAEConfig = field(default_factory=MAEConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # image geometry and views for vision models
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # k-NN, online probe and collapse monitors (images)
+    sections: dict[str, Any] = field(default_factory=_objective_sections, repr=False)  # objective name -> its section
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields: cfg.mae, cfg.mlm, ...
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"RunConfig has no section '{name}'")
+
+    @property
+    def modality(self) -> str:
+        """What the objective reads: text | images | image_text."""
+        return registry.get(self.objective).modality
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: dataclasses.asdict(getattr(self, f.name)) if f.name != "objective" else self.objective
+             for f in dataclasses.fields(self) if f.name != "sections"}
+        d.update({name: dataclasses.asdict(section) for name, section in self.sections.items()})
+        return d
 
     def fingerprint(self) -> str:
         """Hash of what makes two runs the same run (model, data, objective, seed)."""
         d = self.to_dict()
         key = {k: d[k] for k in ("objective", "model", "data", self.objective) if k in d}
-        if self.objective in VISION_OBJECTIVES:
+        if self.modality != "text":
             key["vision"] = {k: d["vision"][k] for k in ("image_size", "patch_size", "channels", "image_column")}
         key["seed"] = self.train.seed
-        for volatile in ("eval_blocks", "num_proc"):
+        for volatile in ("eval_blocks", "num_proc", "num_workers"):
             key["data"].pop(volatile, None)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -188,12 +194,22 @@ class RunConfig:
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
+        if cls is RunConfig and f.name == "sections":
+            continue
         t = _hints(cls)[f.name]
         if dataclasses.is_dataclass(t):
             keys += _all_keys(t, f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
+    if cls is RunConfig:
+        for name, section in registry.sections().items():
+            keys += _all_keys(section, f"{name}.")
     return keys
+
+
+def section_names() -> list[str]:
+    """Every top-level key a recipe may hold: the shared sections, then the objectives'."""
+    return [f.name for f in dataclasses.fields(RunConfig) if f.name != "sections"] + list(registry.sections())
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -207,7 +223,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _unknown(key: str) -> UserError:
     near = difflib.get_close_matches(key, _all_keys(RunConfig), n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(near)}?" if near else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))}"
+    hint = f"; did you mean {', '.join(near)}?" if near else f"; valid sections: {', '.join(section_names())}"
     return UserError(f"unknown config key '{key}'{hint}")
 
 
@@ -265,7 +281,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
     for name, value in mapping.items():
         key = prefix + str(name)
-        if not any(f.name == name for f in dataclasses.fields(obj)):
+        if isinstance(obj, RunConfig) and name in obj.sections:  # an objective's own section
+            if not isinstance(value, dict):
+                raise UserError(f"config section '{key}' must be a mapping of keys to values, got {value!r}")
+            _apply(obj.sections[name], value, key + ".")
+            continue
+        if name == "sections" or not any(f.name == name for f in dataclasses.fields(obj)):
             raise _unknown(key)
         typ = _hints(type(obj))[name]
         if dataclasses.is_dataclass(typ):
@@ -371,20 +392,14 @@ def validate(cfg: RunConfig) -> None:
         (t.grad_accum >= 1, f"train.grad_accum must be at least 1, got {t.grad_accum}"),
         (t.mixed_precision in ("no", "bf16", "fp16"), f"train.mixed_precision must be no, bf16 or fp16, got '{t.mixed_precision}'"),
         (t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}"),
-        (cfg.objective in ("clm", "mlm", "cpc", "mae"), f"objective must be clm, mlm, cpc or mae, got '{cfg.objective}'"),
-        (0.0 < cfg.mlm.mask_rate < 1.0, f"mlm.mask_rate must be in (0, 1), got {cfg.mlm.mask_rate}"),
-        (cfg.cpc.segment_len >= 1, f"cpc.segment_len must be at least 1, got {cfg.cpc.segment_len}"),
-        (cfg.cpc.prediction_steps >= 1, f"cpc.prediction_steps must be at least 1, got {cfg.cpc.prediction_steps}"),
         (cfg.vision.patch_size >= 1 and cfg.vision.image_size % cfg.vision.patch_size == 0,
          f"vision.image_size={cfg.vision.image_size} must be a multiple of vision.patch_size={cfg.vision.patch_size}"),
-        (0.0 < cfg.mae.mask_ratio < 1.0, f"mae.mask_ratio must be in (0, 1), got {cfg.mae.mask_ratio}"),
         (cfg.vision.channels in (1, 3), f"vision.channels must be 1 or 3, got {cfg.vision.channels}"),
         (len(cfg.vision.mean) == len(cfg.vision.std) == cfg.vision.channels and min(cfg.vision.std) > 0,
          f"vision.mean and vision.std need one value per channel ({cfg.vision.channels}), std above 0"),
         (0.0 < cfg.vision.crop_min_scale <= 1.0, f"vision.crop_min_scale must be in (0, 1], got {cfg.vision.crop_min_scale}"),
-        (cfg.mae.decoder_dim % max(cfg.mae.decoder_heads, 1) == 0,
-         f"mae.decoder_dim={cfg.mae.decoder_dim} must be divisible by mae.decoder_heads={cfg.mae.decoder_heads}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    registry.get(cfg.objective).validate_config(cfg)  # the objective's own range checks (unknown names fail here)

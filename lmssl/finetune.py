@@ -62,9 +62,7 @@ import torch
 
 from lmssl.errors import UserError
 
-CORPUS_DIR = Path(__file__).resolve().parent / "data" / "corpus"
-BUNDLED_TASK = {"train": CORPUS_DIR / "genre_train.jsonl", "validation": CORPUS_DIR / "genre_validation.jsonl"}
-FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+from lmssl.runs.tasks import label_names, load_task_data, one_line as _one_line
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -215,78 +213,6 @@ def _family(run_dir: Path) -> str:
 # ----------------------------------------------------------------------------- data
 
 
-def load_task_data(c: FinetuneConfig, log):
-    """``DatasetDict`` with ``train`` and ``validation`` splits holding the text and label columns."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    if c.train_file:
-        files = {"train": c.train_file}
-        if c.validation_file:
-            files["validation"] = c.validation_file
-        builders = set()
-        for split, f in files.items():
-            if not Path(f).is_file():
-                raise UserError(f"--{split}-file {f} does not exist")
-            suffix = Path(f).suffix.lower()
-            if suffix not in FILE_BUILDERS:
-                raise UserError(f"cannot read {f}: use a .csv, .tsv, .json, .jsonl or .parquet file")
-            builders.add(FILE_BUILDERS[suffix])
-        if len(builders) > 1:
-            raise UserError("--train-file and --validation-file must be the same kind of file")
-        builder = builders.pop()
-        kwargs = {"delimiter": "\t"} if Path(c.train_file).suffix.lower() == ".tsv" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=files, **kwargs)
-        except Exception as e:  # pyarrow/json parse errors: one line
-            raise UserError(f"could not read {', '.join(files.values())} ({_one_line(e)}); check the file format") from None
-        source = ", ".join(files.values())
-    elif c.dataset:
-        try:
-            ds = datasets.load_dataset(c.dataset, c.dataset_config or None)
-        except Exception as e:
-            raise UserError(f"could not load the dataset {c.dataset!r} ({_one_line(e)}); check the name and network, "
-                            "or pass --train-file") from None
-        if "train" not in ds:
-            raise UserError(f"dataset {c.dataset} has no 'train' split (it has {', '.join(ds)})")
-        ds = datasets.DatasetDict({k: ds[k] for k in ("train", "validation") if k in ds})
-        source = c.dataset + (f" ({c.dataset_config})" if c.dataset_config else "")
-    else:
-        if c.validation_file:
-            raise UserError("--validation-file needs --train-file (the bundled task has its own validation split)")
-        files = {k: str(v) for k, v in BUNDLED_TASK.items()}
-        ds = datasets.load_dataset("json", data_files=files)
-        source = "the bundled genre task (lmssl/data/corpus/genre_*.jsonl)"
-    for split in ds:
-        missing = [col for col in (c.text_column, c.label_column) if col not in ds[split].column_names]
-        if missing:
-            raise UserError(f"the {split} data has no column {missing[0]!r} (columns: {', '.join(ds[split].column_names)}); "
-                            f"pass --{'text' if missing[0] == c.text_column else 'label'}-column")
-    if c.max_train_examples > 0 and len(ds["train"]) > c.max_train_examples:
-        ds["train"] = ds["train"].shuffle(seed=c.seed).select(range(c.max_train_examples))
-    if "validation" not in ds:
-        split = ds["train"].train_test_split(test_size=c.validation_fraction, seed=c.seed)
-        ds = datasets.DatasetDict(train=split["train"], validation=split["test"])
-        log(f"held out {len(ds['validation'])} of the training examples for validation (--validation-fraction)")
-    return ds, source
-
-
-def label_names(ds, c: FinetuneConfig) -> list[str]:
-    """Label names in id order: the dataset's ClassLabel names, else the sorted distinct values of train."""
-    feature = ds["train"].features[c.label_column]
-    inner = getattr(feature, "feature", None) if c.task == "token" else feature
-    if inner is not None and hasattr(inner, "names"):
-        return list(inner.names)
-    values = ds["train"][c.label_column]
-    if c.task == "token":
-        values = [v for row in values for v in row]
-    distinct = sorted({v for v in values if v is not None}, key=lambda v: (isinstance(v, str), v))
-    if len(distinct) < 2:
-        raise UserError(f"the label column {c.label_column!r} has {len(distinct)} distinct value(s); a classifier "
-                        "needs at least 2")
-    return [str(v) for v in distinct]
-
-
 def encode(ds, c: FinetuneConfig, tokenizer, names: list[str]):
     """Tokenize and map labels to ids; returns the dataset with input_ids, attention_mask, labels."""
     label2id = {n: i for i, n in enumerate(names)}
@@ -329,11 +255,6 @@ def encode(ds, c: FinetuneConfig, tokenizer, names: list[str]):
     import datasets
 
     return datasets.DatasetDict(out)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -467,7 +388,7 @@ def finetune(c: FinetuneConfig, log=None) -> dict[str, Any]:
 
     from lmssl.config import OptimConfig
     from lmssl.export.core import quiet_transformers
-    from lmssl.train.checkpoint import atomic_write_text
+    from lmssl.runs.checkpoint import atomic_write_text
     from lmssl.train.log import JsonlLog, plot_loss_curve
     from lmssl.train.optim import make_optimizer, make_schedule
 

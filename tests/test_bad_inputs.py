@@ -91,7 +91,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(capsys, tmp_pat
     line = one_line_error(capsys, tmp_path, "train.max_steps=20", "optim.lr=1e30", "train.save_every=1",
                           "optim.warmup_steps=1", "train.grad_clip=0")
     assert "at step" in line and "Last good checkpoint" in line and "step_" in line
-    from lmssl.train.checkpoint import find_resumable
+    from lmssl.runs.checkpoint import find_resumable
 
     assert find_resumable(tmp_path / "run") is not None
 

@@ -31,11 +31,12 @@ def test_unknown_key_lists_near_keys():
 @pytest.mark.parametrize("override, word", [("train.max_steps=abc", "integer"), ("optim.lr=fast", "number"),
                                             ("train.overwrite=maybe", "true or false"),
                                             ("data.block_size=0", "block_size"), ("optim.lr=-1", "positive"),
-                                            ("mlm.mask_rate=1.0", "mask_rate"),
+                                            ("objective=mlm mlm.mask_rate=1.0", "mask_rate"),
+                                            ("objective=nosuch", "unknown objective 'nosuch'; choose one of"),
                                             ("data.block_size=4096", "max_positions")])
 def test_bad_values(override, word):
     with pytest.raises(UserError, match=word):
-        load_config(ROOT / "recipes" / "gpt_tiny.yaml", [override])
+        load_config(ROOT / "recipes" / "gpt_tiny.yaml", override.split())
 
 
 def test_fingerprint_ignores_training_length():

@@ -15,7 +15,7 @@ def test_every_subpackage_is_listed():
 
 def test_shipped_tokenizer_and_recipes_resolve():
     from lmssl.data.tokenizer import default_tokenizer_path
-    from lmssl.recipes import recipe_path
+    from lmssl.runs.recipes import recipe_path
 
     assert (default_tokenizer_path() / "tokenizer.json").is_file()
     assert recipe_path("gpt_tiny").is_file()

@@ -12,9 +12,10 @@ import torch
 from lmssl.cli import main as cli_main
 from lmssl.config import load_config
 from lmssl.data.tokenizer import load_tokenizer
-from lmssl.probe import encode_texts, extract_features, feature_fn, probe_run, train_probe
+from lmssl.probe import describe_features, encode_texts, extract_features, probe_run, train_probe
 from lmssl.objectives import build
-from lmssl.train.loop import load_run, train
+from lmssl.runs import load_run
+from lmssl.train.loop import train
 from tests.conftest import ROOT, TINY
 
 
@@ -66,7 +67,7 @@ def test_bad_run_dir_is_one_error_line(tmp_path, capsys):
 
 def test_batched_features_equal_one_text_at_a_time(clm_run):
     model, cfg, tok = load_run(clm_run)
-    fn, _ = feature_fn(model, cfg.objective)
+    fn = model.features
     ids = encode_texts(tok, ["In the beginning", "And God said, Let there be light: and there was light.", "Amen"],
                        cfg.data.block_size)
     assert all(row[0] == tok.eos_token_id for row in ids)
@@ -81,8 +82,7 @@ def test_objective_features_are_preferred():
                       [o for o in TINY if not o.startswith("model.preset=")] + ["cpc.prediction_steps=2"])
     cfg.model.vocab_size = len(tok)
     model = build(cfg, tok)
-    fn, description = feature_fn(model, "cpc")
-    assert fn == model.features and "context vectors" in description
+    assert "context vectors" in describe_features(model)
 
 
 def test_probe_learns_a_separable_task():
@@ -106,6 +106,8 @@ def test_probe_of_an_image_run_uses_its_labelled_folders(tmp_path, capsys):
     assert (r["unit"], r["n_train"], r["n_validation"], r["classes"]) == ("images", 48, 16, ["class0", "class1"])
     assert r["dim"] == 64 and len(r["run"]) == len(r["random"]) == 2
     assert r["run_mean"] > r["majority"] + 0.2  # the ramp's direction is readable from the features
-    assert "validation images" in r["table"]
+    assert "validation images" in r["table"] and "raw pixels" in r["table"]
+    assert r["rows"]["raw pixels"]["knn"] > r["majority"] + 0.2  # the honest floor reads the ramp too
+    assert r["few_labels"] == 10 and len(r["few"]["run features"]["linear"]) == 2
     assert cli_main(["probe", str(run), "--train-file", str(ROOT / "README.md")]) == 2
     assert "are for text runs" in capsys.readouterr().err

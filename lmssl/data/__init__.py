@@ -1,0 +1,20 @@
+"""Data: text (load, tokenize, pack) and images (decode on the CPU, views on the device),
+the bundled corpora, tokenizer training, and the micro-batch stream the trainer reads."""
+
+from __future__ import annotations
+
+
+def build_data(cfg, objective_cls, tokenizer, log=print):
+    """The run's data for an objective class, by its ``modality``: :class:`~lmssl.data.batches.TextData`
+    or :class:`~lmssl.data.images.ImageData` (with the objective's views drawn per sample)."""
+    from lmssl.errors import UserError
+
+    if objective_cls.modality == "text":
+        from lmssl.data.batches import build_text_data
+
+        return build_text_data(cfg, tokenizer, log)
+    if objective_cls.modality == "images":
+        from lmssl.data.images import build_image_data
+
+        return build_image_data(cfg, log, views=objective_cls.make_views(cfg))
+    raise UserError(f"objective '{cfg.objective}' reads {objective_cls.modality} data, which this lmssl cannot load yet")

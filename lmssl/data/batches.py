@@ -11,6 +11,7 @@ checkpoint only needs the cursor to resume exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +27,16 @@ class TextData:
     eval_batches: list[dict[str, torch.Tensor]]
     bytes_per_token: float  # UTF-8 bytes per token on held-out text (for bits-per-byte)
     train_tokens: int  # tokens in the training corpus (0 when streaming: unknown)
+    units_per_sample: int = 0  # tokens per block (throughput counts tokens)
+    unit: str = "tokens"
+
+    def stream(self, cfg: RunConfig, cursor: int, rank: int, world: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """``(micro-batch, first global sample index)`` for every micro-step from ``cursor`` on."""
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+        while True:
+            for a in range(cfg.train.grad_accum):
+                yield micro_batch(self, cfg, cursor, a, rank, world)
+            cursor += global_batch
 
 
 def build_text_data(cfg: RunConfig, tokenizer, log=print) -> TextData:
@@ -47,7 +58,7 @@ def build_text_data(cfg: RunConfig, tokenizer, log=print) -> TextData:
         mb = cfg.train.micro_batch_size
         eval_batches = [val.batch(np.arange(i, min(i + mb, n))) for i in range(0, n, mb)]
         bpt = vf.bytes_per_token
-    return TextData(train, eval_batches, bpt, train_tokens)
+    return TextData(train, eval_batches, bpt, train_tokens, d.block_size)
 
 
 def _stream_eval_blocks(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, float]:
@@ -73,23 +84,29 @@ def _stream_eval_blocks(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, float]:
 def micro_batch(data, cfg: RunConfig, cursor: int, micro_step: int, rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
     """This process's micro-batch ``micro_step`` of the optimizer step starting at ``cursor``.
 
-    ``data``: :class:`TextData` or :class:`lmssl.data.images.ImageData`. Returns
-    ``(batch, first_global_sample_index)``; the index seeds any per-batch randomness (e.g.
-    MLM masks) so that it too is independent of the process layout.
+    ``data``: :class:`TextData`. Returns ``(batch, first_global_sample_index)``; the index
+    seeds any per-batch randomness (e.g. MLM masks) so that it too is independent of the
+    process layout.
     """
     mb = cfg.train.micro_batch_size
     start = cursor + (micro_step * world + rank) * mb
-    if hasattr(data.train, "batch_at"):  # streamed text, images: addressed by cursor directly
+    if isinstance(data.train, StreamingBlocks):  # addressed by cursor directly
         return data.train.batch_at(start, mb), start
     idx = data.train.sample_ids(start, mb, cfg.train.seed)
     return data.train.batch(idx), start
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Move a CPU batch to ``device`` without making the host wait: on CUDA each tensor is
-    copied from page-locked (pinned) memory, so the copy runs while the accelerator is still
-    busy with the previous step."""
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move a CPU batch (a dict, list or tuple of tensors, nested: image views' parameters)
+    to ``device`` without making the host wait: on CUDA each tensor is copied from
+    page-locked (pinned) memory, so the copy runs while the accelerator is still busy with
+    the previous step. Values that are not tensors pass through."""
     device = torch.device(device)
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin and v.device.type == "cpu" and not v.is_pinned() else v).to(device, non_blocking=True)
-            for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        pin = device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned()
+        return (batch.pin_memory() if pin else batch).to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

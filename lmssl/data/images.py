@@ -1,31 +1,41 @@
-"""Images for vision objectives: local files or a Hugging Face dataset -> normalised batches.
+"""Images for vision objectives: the bundled set, local files or a Hub dataset -> uint8 batches.
 
-Sources, as for text (:mod:`lmssl.data.text`): ``data.train_files`` (image files, folders
-searched recursively, globs; read by ``datasets``' ``imagefolder``) or ``data.dataset``
-(a Hub name such as ``uoft-cs/cifar10``, with ``vision.image_column`` naming the image
-column). Validation comes from ``data.validation_files`` or ``data.validation_split``,
-else every ``round(1 / data.validation_fraction)``-th training image is held out.
+Sources, in order of precedence: ``data.train_files`` (image files, folders searched
+recursively, globs; read by ``datasets``' ``imagefolder``, labels from the sub-folder
+names), ``data.dataset`` (a Hub name such as ``uoft-cs/cifar10``, ``vision.image_column``
+and ``vision.label_column`` naming the columns), else the bundled Fashion-MNIST subset
+(:mod:`lmssl.data.fashion_mnist`: 20,000 training and the 10,000 test images, 28 x 28
+greyscale, 10 classes). Validation comes from ``data.validation_files`` or
+``data.validation_split`` (the bundled set: its test split), else every
+``round(1 / data.validation_fraction)``-th training image is held out.
 
-Samples are addressed by the global sample cursor (:mod:`lmssl.data.batches`): position
-``g`` is image ``order(epoch)[g mod n]`` of a per-epoch permutation seeded by
-``(train.seed, epoch)``, and its random crop and flip are drawn from a generator seeded by
-``train.seed`` and ``g``. A resumed run therefore sees exactly the images, crops and flips it
-would have seen. Training images get MAE's augmentation: a random crop of
-``vision.crop_min_scale``-100% of the area with aspect ratio 3/4-4/3, resized to
-``vision.image_size``, and a left-right flip half of the time. Held-out images are the
-largest centred square, resized. Pixels are scaled to [0, 1], then normalised per channel
-by ``vision.mean`` and ``vision.std``.
+The split of work (the DALI-style design): the CPU only decodes each image, converts it
+to ``vision.channels`` channels (transparent pixels onto white) and resizes it to a
+square of ``vision.load_size`` pixels (the shorter side, then the centred square; 0:
+``vision.image_size``), in the training process or in ``data.num_workers`` DataLoader
+worker processes. A batch is ``{"images": uint8 (B, C, L, L), "index": (B,) int64 global
+sample positions, "labels": (B,) int64 (-1: none), "views": the parameters of every
+view}``. The views themselves (crops, flips, colour, blur, ...) are cut on the accelerator
+by the objective's :class:`~lmssl.data.views.ViewTransform`, whose parameters are drawn
+here, per sample, from a counter keyed by the sample's global position: a sample gets the
+same views whatever the number of processes or workers, and after any resume.
 
-Decoding and resizing run in the training process (PIL). That keeps up with small images
-(CIFAR-sized: well under a millisecond each); large ones want pre-resized copies.
+Position ``g`` of the run is image ``order(epoch)[g mod n]`` of a per-epoch permutation
+seeded by ``(train.seed, epoch)``; held-out images are visited in order, and their views
+are drawn at negative positions (``-1 - i``), so they never coincide with a training draw.
+
+Unreadable image files in a folder are skipped (counted and reported in one line); an
+image that fails to decode later is replaced by the next readable one, with a warning.
 """
 
 from __future__ import annotations
 
-import math
-import random
-from dataclasses import dataclass
+import io
+import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -41,10 +51,33 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_images(cfg: RunConfig, split: str, labels: bool = False):
-    """The ``split`` ('train' or 'validation') images as a ``datasets.Dataset`` with one
-    image column, ``image`` (decoded to PIL on access), and with ``labels`` a ``label``
-    column too (``vision.label_column``; image folders: the sub-folder names)."""
+# ----------------------------------------------------------------------------- sources
+
+
+def _readable_images(files: list[str], log) -> list[str]:
+    """The files PIL can open and verify; the others are skipped and reported in one line."""
+    from PIL import Image
+
+    good, bad = [], []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.verify()
+            good.append(f)
+        except Exception as e:  # PIL raises many types for files that are not images
+            bad.append((f, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+    if bad:
+        log(f"warning: skipped {len(bad)} unreadable image file(s) of {len(files)} (first: {bad[0][0]}: {bad[0][1]})")
+    if not good:
+        raise UserError(f"none of the {len(files)} image files could be read (first: {bad[0][0]}: {bad[0][1]}); "
+                        "check data.train_files")
+    return good
+
+
+def load_images(cfg: RunConfig, split: str, labels: bool = False, log=lambda msg: None):
+    """The ``split`` ('train' or 'validation') images as a ``datasets.Dataset`` with an
+    ``image`` column (not decoded: ``{"bytes", "path"}``) and, when the data has labels, a
+    ``label`` column. ``labels=True`` makes a missing label column an error."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -59,6 +92,7 @@ def load_images(cfg: RunConfig, split: str, labels: bool = False):
         else:
             files = resolve_files(d.train_files, "data.train_files", is_image_file, "image")
             holdout = not d.validation_files
+        files = _readable_images(files, log)
         try:
             ds = datasets.load_dataset("imagefolder", data_files={"data": files}, split="data")
         except Exception as e:  # datasets raises many types for unreadable files
@@ -76,20 +110,23 @@ def load_images(cfg: RunConfig, split: str, labels: bool = False):
                             "name and your network, or point data.train_files at local images") from None
         column, label_column = cfg.vision.image_column, cfg.vision.label_column
     else:
-        raise UserError(f"the {cfg.objective} objective trains on images: set data.train_files to image files or "
-                        "folders, or data.dataset to a Hugging Face image dataset (e.g. data.dataset=uoft-cs/cifar10 "
-                        "vision.image_column=img data.validation_split=test)")
+        from lmssl.data.fashion_mnist import load_bundled
+
+        ds = load_bundled("train" if split == "train" else "validation")
+        column, label_column = "image", "label"
     if column not in ds.column_names:
         raise UserError(f"image column '{column}' not found; the data has columns {ds.column_names}: "
                         "set vision.image_column")
-    if labels and label_column not in ds.column_names:
+    has_labels = label_column in ds.column_names
+    if labels and not has_labels:
         raise UserError(f"no label column '{label_column}' in the images (columns: {ds.column_names}): put the images "
                         "in one sub-folder per class, or set vision.label_column")
-    ds = ds.select_columns([column, label_column] if labels else [column])
+    ds = ds.select_columns([column, label_column] if has_labels else [column])
     if column != "image":
         ds = ds.rename_column(column, "image")
-    if labels and label_column != "label":
+    if has_labels and label_column != "label":
         ds = ds.rename_column(label_column, "label")
+    ds = ds.cast_column("image", datasets.Image(decode=False))
     if holdout:
         every = max(2, round(1 / max(d.validation_fraction, 1e-6)))
         ids = np.arange(len(ds))
@@ -101,114 +138,232 @@ def load_images(cfg: RunConfig, split: str, labels: bool = False):
     return ds
 
 
-class ImageSamples:
-    """Images at global cursor positions -> ``{"pixel_values": (B, C, S, S)}`` float32."""
+def describe_source(cfg: RunConfig) -> str:
+    """One line naming where a run's images come from."""
+    if cfg.data.train_files:
+        return "images in " + ", ".join(cfg.data.train_files)
+    if cfg.data.dataset:
+        return cfg.data.dataset
+    return "the bundled Fashion-MNIST subset (lmssl/data/fashion_mnist)"
 
-    def __init__(self, ds, vision: VisionConfig, seed: int, augment: bool) -> None:
-        self.ds, self.vision, self.seed, self.augment = ds, vision, seed, augment
+
+def class_names(ds) -> list[str]:
+    """Label names in id order (a ClassLabel's names, else the sorted distinct values); [] without labels."""
+    if "label" not in ds.column_names:
+        return []
+    feature = ds.features["label"]
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    return sorted({str(v) for v in ds["label"]})
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_image(item: dict, channels: int, size: int) -> np.ndarray:
+    """One ``{"bytes", "path"}`` image -> ``(C, size, size)`` uint8: converted to ``channels``
+    channels (transparency composited onto white), the shorter side resized to ``size``
+    (bicubic), then the centred square."""
+    from PIL import Image
+
+    src = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+    with Image.open(src) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img.alpha_composite(rgba)
+        img = img.convert("RGB" if channels == 3 else "L")
+    W, H = img.size
+    if (W, H) != (size, size):
+        scale = size / min(W, H)
+        w, h = max(size, round(W * scale)), max(size, round(H * scale))
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    pixels = np.array(img, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, S, S)
+
+
+class ImageSource(torch.utils.data.Dataset):
+    """Global sample positions -> decoded batches (see the module docstring).
+
+    A map-style dataset whose keys are positions (``__getitems__`` takes the list of one
+    micro-batch), so a DataLoader with :class:`PositionBatches` as its batch sampler
+    decodes in worker processes. ``shuffle``: training order (a permutation per epoch);
+    else position ``i`` is image ``i`` and views are drawn at ``-1 - i``.
+    """
+
+    def __init__(self, ds, vision: VisionConfig, seed: int, shuffle: bool, views=None) -> None:
+        self.ds, self.seed, self.shuffle, self.views = ds, seed, shuffle, views
+        self.channels = vision.channels
+        self.size = vision.load_size or vision.image_size
         self.n = len(ds)
-        self._order_key: tuple[int, int] | None = None
-        self._order = np.arange(self.n)
-        self._mean = torch.tensor(vision.mean, dtype=torch.float32)[:, None, None]
-        self._std = torch.tensor(vision.std, dtype=torch.float32)[:, None, None]
+        self.has_labels = "label" in ds.column_names
+        feature = ds.features["label"] if self.has_labels else None
+        # labels that are not a ClassLabel (strings, raw integers) become ids into their sorted names
+        self._label_ids = None if feature is None or hasattr(feature, "names") else \
+            {name: i for i, name in enumerate(class_names(ds))}
+        self._order_epoch, self._order = -1, np.arange(self.n)
 
     def __len__(self) -> int:
         return self.n
 
     def order(self, epoch: int) -> np.ndarray:
         """Visiting order of epoch ``epoch``: a permutation seeded by ``(seed, epoch)``."""
-        if self._order_key != (epoch, self.seed):
+        if self._order_epoch != epoch:
             self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._order_key = (epoch, self.seed)
+            self._order_epoch = epoch
         return self._order
 
-    def batch_at(self, cursor: int, count: int) -> dict[str, torch.Tensor]:
-        """Images at global positions ``cursor .. cursor + count`` (shuffled per epoch when
-        augmenting; in dataset order otherwise)."""
-        positions = range(cursor, cursor + count)
-        ids = [int(self.order(g // self.n)[g % self.n]) if self.augment else g % self.n for g in positions]
-        images = self.ds[ids]["image"]
-        pixels = np.stack([self.transform(img, g) for img, g in zip(images, positions)])  # (B, S, S[, C]) uint8
-        return {"pixel_values": self.normalize(torch.from_numpy(pixels))}
+    def image_ids(self, positions: list[int]) -> list[int]:
+        if not self.shuffle:
+            return [g % self.n for g in positions]
+        return [int(self.order(g // self.n)[g % self.n]) for g in positions]
 
-    def transform(self, img, position: int) -> np.ndarray:
-        """One PIL image -> ``(S, S, C)`` (or ``(S, S)`` greyscale) uint8, cropped, resized and,
-        when augmenting, flipped with draws seeded by ``position``."""
-        from PIL import Image
+    def __getitems__(self, positions: list[int]) -> dict[str, Any]:
+        return self.batch(positions)
 
-        v = self.vision
-        img = img.convert("RGB" if v.channels == 3 else "L")
-        S = v.image_size
-        if self.augment:
-            rng = random.Random((self.seed << 48) + position)  # cheap to seed, unlike numpy's generators
-            box = random_crop_box(img.size, v.crop_min_scale, rng)
-            flip = v.hflip and rng.random() < 0.5
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.batch([position])
+
+    def batch_at(self, cursor: int, count: int) -> dict[str, Any]:
+        return self.batch(list(range(cursor, cursor + count)))
+
+    def batch(self, positions: list[int]) -> dict[str, Any]:
+        ids = self.image_ids(positions)
+        rows = self.ds[ids]
+        pixels = np.stack([self._decode(item, i) for item, i in zip(rows["image"], ids)])  # (B, C, L, L)
+        if not self.has_labels:
+            labels = [-1] * len(ids)
+        elif self._label_ids is not None:
+            labels = [self._label_ids[str(v)] for v in rows["label"]]
         else:
-            box, flip = center_square(img.size), False
-        img = img.resize((S, S), Image.BICUBIC, box=box)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.array(img, dtype=np.uint8)
+            labels = [int(v) for v in rows["label"]]
+        index = torch.tensor(positions if self.shuffle else [-1 - g for g in positions], dtype=torch.long)
+        out: dict[str, Any] = {"images": torch.from_numpy(pixels), "index": index,
+                               "labels": torch.tensor(labels, dtype=torch.long)}
+        if self.views is not None:
+            out["views"] = self.views.draw(index, (self.size, self.size))
+        return out
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, S, S, C)`` or ``(B, S, S)`` -> float32 ``(B, C, S, S)``, scaled to [0, 1]
-        and normalised per channel."""
-        x = pixels.float().div_(255.0)
-        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]
-        return ((x - self._mean) / self._std).contiguous()
-
-
-def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The largest centred square of a ``(width, height)`` image, as a PIL box."""
-    W, H = size
-    side = min(W, H)
-    left, top = (W - side) // 2, (H - side) // 2
-    return left, top, left + side, top + side
+    def _decode(self, item: dict, image_id: int) -> np.ndarray:
+        for step in range(min(self.n, 100)):
+            j = (image_id + step) % self.n
+            try:
+                return decode_image(item if step == 0 else self.ds[j]["image"], self.channels, self.size)
+            except Exception as e:  # a truncated or corrupt file: use the next image
+                where = item.get("path") if step == 0 else self.ds[j]["image"].get("path")
+                print(f"lmssl: warning: could not decode image {where or j} ({type(e).__name__}: {e}); "
+                      "using the next image instead", file=sys.stderr)
+        raise UserError("100 images in a row could not be decoded; check the image files")
 
 
-def random_crop_box(size: tuple[int, int], min_scale: float, rng: random.Random,
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """A random crop (PIL box) of ``min_scale``-100% of the area, aspect ratio in ``ratio``
-    (log-uniform); after 10 draws that do not fit, the centred square."""
-    W, H = size
-    for _ in range(10):
-        area = W * H * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= W and 0 < h <= H:
-            left, top = rng.randint(0, W - w), rng.randint(0, H - h)
-            return left, top, left + w, top + h
-    return center_square(size)
+class PositionBatches:
+    """The global positions of this process's micro-batches from ``cursor`` on, in training
+    order (see :mod:`lmssl.data.batches`): micro-step ``a`` of process ``r`` in the step
+    starting at ``c`` takes ``[c + (a * world + r) * micro, ... + micro)``."""
+
+    def __init__(self, cursor: int, micro: int, accum: int, rank: int, world: int) -> None:
+        self.cursor, self.micro, self.accum, self.rank, self.world = cursor, micro, accum, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        c = self.cursor
+        while True:
+            for a in range(self.accum):
+                start = c + (a * self.world + self.rank) * self.micro
+                yield list(range(start, start + self.micro))
+            c += self.micro * self.accum * self.world
+
+
+def _first(batch: dict[str, Any]) -> dict[str, Any]:
+    """Collate of a DataLoader whose dataset already returns whole batches."""
+    return batch
+
+
+def usable_workers(asked: int, log) -> int:
+    """``data.num_workers``, at most the CPUs this process may use (one line when lowered)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    if asked > cpus:
+        log(f"warning: data.num_workers={asked} but this machine lets the process use {cpus} CPU(s); using {cpus}")
+        return cpus
+    if asked < 0:
+        raise UserError(f"data.num_workers must be 0 or more, got {asked}")
+    return asked
+
+
+# ----------------------------------------------------------------------------- the run's data
 
 
 @dataclass
 class ImageData:
-    train: ImageSamples
-    eval_batches: list[dict[str, torch.Tensor]]
+    """What the trainer, the monitors and the pictures read (``unit``: what throughput counts)."""
+
+    train: ImageSource
+    eval_batches: list[dict[str, Any]]
     train_images: int
+    classes: list[str] = field(default_factory=list)  # label names; [] without labels
+    bank: tuple[torch.Tensor, torch.Tensor] | None = None  # k-NN bank: uint8 (N, C, L, L) training images, labels
+    queries: tuple[torch.Tensor, torch.Tensor] | None = None  # held-out images and labels the monitors score
+    num_workers: int = 0
+    unit: str = "images"
+    units_per_sample: int = 1
+
+    def stream(self, cfg: RunConfig, cursor: int, rank: int, world: int) -> Iterator[tuple[dict[str, Any], int]]:
+        """``(micro-batch, first global position)`` for every micro-step from ``cursor`` on."""
+        sampler = PositionBatches(cursor, cfg.train.micro_batch_size, cfg.train.grad_accum, rank, world)
+        if self.num_workers == 0:
+            for positions in sampler:
+                yield self.train.batch(positions), positions[0]
+            return
+        loader = torch.utils.data.DataLoader(self.train, batch_sampler=sampler, num_workers=self.num_workers,
+                                             collate_fn=_first, persistent_workers=False, prefetch_factor=4)
+        for batch in loader:
+            yield batch, int(batch["index"][0])
 
 
-def build_image_data(cfg: RunConfig, log=print) -> ImageData:
-    """Training samples and the fixed held-out batches (the first ``data.eval_blocks``
-    validation images, not augmented)."""
-    train_ds = load_images(cfg, "train")
-    val = ImageSamples(load_images(cfg, "validation"), cfg.vision, cfg.train.seed, augment=False)
+def _labelled(source: ImageSource, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first ``count`` images of ``source`` in dataset order, with labels (None without labels)."""
+    if count <= 0 or not source.has_labels:
+        return None
+    n = min(count, source.n)
+    chunks = [source.batch(list(range(i, min(i + 256, n)))) for i in range(0, n, 256)]
+    return torch.cat([c["images"] for c in chunks]), torch.cat([c["labels"] for c in chunks])
+
+
+def build_image_data(cfg: RunConfig, log=print, views=None) -> ImageData:
+    """Training source, the fixed held-out batches (the first ``data.eval_blocks`` validation
+    images, their views drawn as for training but at their own positions) and the monitor
+    sets (``monitor.bank_images`` training and ``monitor.query_images`` held-out images,
+    labelled). Fills ``vision.num_classes`` from the data when it is 0."""
+    train_ds = load_images(cfg, "train", log=log)
+    val_ds = load_images(cfg, "validation", log=log)
+    classes = class_names(train_ds)
+    if not cfg.vision.num_classes and classes:
+        cfg.vision.num_classes = len(classes)
+    seed = cfg.train.seed
+    train = ImageSource(train_ds, cfg.vision, seed, shuffle=True, views=views)
+    val = ImageSource(val_ds, cfg.vision, seed, shuffle=False, views=views)
     n = len(val) if cfg.data.eval_blocks <= 0 else min(cfg.data.eval_blocks, len(val))
     mb = cfg.train.micro_batch_size
-    eval_batches = [val.batch_at(i, min(mb, n - i)) for i in range(0, n, mb)]
-    log(f"images: {len(train_ds):,} for training, {n:,} held out for evaluation")
-    return ImageData(ImageSamples(train_ds, cfg.vision, cfg.train.seed, augment=True), eval_batches, len(train_ds))
+    eval_batches = [val.batch(list(range(i, min(i + mb, n)))) for i in range(0, n, mb)]
+    plain_train = ImageSource(train_ds, cfg.vision, seed, shuffle=False)
+    plain_val = ImageSource(val_ds, cfg.vision, seed, shuffle=False)
+    bank, queries = _labelled(plain_train, cfg.monitor.bank_images), _labelled(plain_val, cfg.monitor.query_images)
+    if not classes:
+        log(f"note: the images have no '{cfg.vision.label_column}' labels, so the k-NN and online-probe monitors are off")
+    log(f"images: {len(train_ds):,} for training, {n:,} held out for evaluation"
+        + (f", {len(classes)} classes" if classes else ""))
+    return ImageData(train, eval_batches, len(train_ds), classes, bank, queries,
+                     usable_workers(cfg.data.num_workers, log))
 
 
 def labelled_images(cfg: RunConfig, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The first ``limit`` (0: all) images of ``split``, prepared as held-out images are (no
-    augmentation), with their labels: ``(pixels (N, C, S, S), labels (N,), class names)``."""
+    """The first ``limit`` (0: all) images of ``split`` in dataset order, decoded as for
+    training, with their labels: ``(uint8 images (N, C, L, L), labels (N,), class names)``."""
     ds = load_images(cfg, split, labels=True)
-    n = len(ds) if limit <= 0 else min(limit, len(ds))
-    samples = ImageSamples(ds, cfg.vision, cfg.train.seed, augment=False)
-    pixels = torch.cat([samples.batch_at(i, min(256, n - i))["pixel_values"] for i in range(0, n, 256)])
-    feature = ds.features["label"]
-    names = list(feature.names) if hasattr(feature, "names") else sorted({str(v) for v in ds["label"]})
-    raw = ds["label"][:n]
-    labels = torch.tensor(raw if hasattr(feature, "names") else [names.index(str(v)) for v in raw])
-    return pixels, labels, names
+    source = ImageSource(ds, cfg.vision, cfg.train.seed, shuffle=False)
+    images, labels = _labelled(source, len(ds) if limit <= 0 else limit)
+    return images, labels, class_names(ds)

@@ -10,15 +10,12 @@ from typing import Any
 
 import yaml
 
+from lmssl import objectives
 from lmssl.config import RunConfig
 
-BUNDLED_DATASET = "kjv-bible"  # the bundled King James Version corpus (lmssl/data/corpus)
-OBJECTIVE_NAMES = {"clm": "causal language modelling (next-token prediction, GPT-style)",
-                   "mlm": "masked language modelling (BERT-style)",
-                   "cpc": "contrastive predictive coding",
-                   "mae": "masked autoencoding of image patches (MAE)"}
+BUNDLED_DATASET = {"text": "kjv-bible", "images": "fashion_mnist"}  # the bundled data (lmssl/data)
 AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM", "backbone": "AutoModel",
-                "mae": "AutoModelForPreTraining"}
+                "mae": "AutoModelForPreTraining", "image-backbone": "AutoModel"}
 
 
 @dataclass
@@ -39,6 +36,7 @@ class CardFacts:
     loss_curve: str | None  # file name inside the folder
     notes: list[str] = field(default_factory=list)
     load_snippet: str = ""  # replaces the transformers snippet (lmssl-format exports)
+    usage: str = ""  # the converter's "How to use" code ({name}: the folder or Hub name); "": the text default
 
 
 def datasets_of(cfg: RunConfig) -> tuple[list[str], str]:
@@ -50,7 +48,9 @@ def datasets_of(cfg: RunConfig) -> tuple[list[str], str]:
     if d.dataset:
         desc = d.dataset + (f" ({d.dataset_config})" if d.dataset_config else "") + f", split {d.train_split}"
         return [d.dataset], desc
-    return [BUNDLED_DATASET], "the King James Version of the Bible bundled with lmssl (public domain)"
+    if cfg.modality == "images":
+        return [BUNDLED_DATASET["images"]], "the Fashion-MNIST subset bundled with lmssl (Zalando Research, MIT)"
+    return [BUNDLED_DATASET["text"]], "the King James Version of the Bible bundled with lmssl (public domain)"
 
 
 def front_matter(facts: CardFacts) -> str:
@@ -67,14 +67,9 @@ def front_matter(facts: CardFacts) -> str:
 def _usage(facts: CardFacts, name: str) -> str:
     if facts.load_snippet:
         return facts.load_snippet
+    if facts.usage:
+        return "```python\n" + facts.usage.replace("{name}", name) + "\n```"
     auto = AUTO_CLASSES[facts.kind]
-    if facts.kind == "mae":
-        lines = [f"from transformers import {auto}, AutoImageProcessor", "",
-                 f'processor = AutoImageProcessor.from_pretrained("{name}")',
-                 f'model = {auto}.from_pretrained("{name}")',
-                 'inputs = processor(images=image, return_tensors="pt")  # image: a PIL image',
-                 "out = model(**inputs)  # out.loss; out.logits: the pixels predicted for every patch"]
-        return "```python\n" + "\n".join(lines) + "\n```"
     lines = [f"from transformers import {auto}, AutoTokenizer", "",
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
              f'model = {auto}.from_pretrained("{name}")']
@@ -91,6 +86,13 @@ def _usage(facts: CardFacts, name: str) -> str:
     return "```python\n" + "\n".join(lines) + "\n```"
 
 
+def _description(name: str) -> str:
+    try:
+        return objectives.get(name).description or name
+    except Exception:  # an objective this lmssl does not have
+        return name
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -104,15 +106,15 @@ def render(facts: CardFacts, name: str) -> str:
     out = [front_matter(facts), f"# {name}", ""]
     out.append(f"A {facts.n_params / 1e6:.2f}M-parameter {m.family} model ({m.n_layers} layers, width {m.dim}, "
                f"{m.n_heads} heads) pretrained with lmssl by "
-               f"{OBJECTIVE_NAMES.get(cfg.objective, cfg.objective)}. Exported as `{facts.architecture}`.")
+               f"{_description(cfg.objective)}. Exported as `{facts.architecture}`.")
     out += ["", "## How to use", "", _usage(facts, name), ""]
     if facts.notes:
         out += ["Notes:", ""] + [f"- {n}" for n in facts.notes] + [""]
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    if facts.kind == "mae":
+    if cfg.modality == "images":
         v = cfg.vision
-        inputs = [f"- images: {v.image_size}x{v.image_size}, {v.patch_size}x{v.patch_size} patches, "
-                  f"{cfg.mae.mask_ratio:.0%} hidden from the encoder",
+        inputs = [f"- images: {v.image_size}x{v.image_size}, {v.channels} channel(s), {v.patch_size}x{v.patch_size} "
+                  "patches",
                   f"- optimizer steps: {facts.step:,} ({per_step} images per step on each process)",
                   f"- images seen: {facts.tokens_seen:,}"]
     else:

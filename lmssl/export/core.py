@@ -23,14 +23,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lmssl.config import VISION_OBJECTIVES, RunConfig, config_from_dict
+from lmssl.config import RunConfig
 from lmssl.errors import UserError
 from lmssl.export import native
 from lmssl.export.card import AUTO_CLASSES, CardFacts, render
 from lmssl.export.transformers_map import Converted, FamilyMismatch, NoExactTwin, find_converter
 
 MAX_DIFF = 1e-4  # largest |difference| of logits (or hidden states) the export check accepts
-METRIC_KEYS = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_accuracy")
+METRIC_KEYS = ("loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_accuracy", "eval_knn_accuracy",
+               "eval_probe_accuracy", "eval_normalized_std", "eval_effective_rank")
 
 
 @dataclass
@@ -68,7 +69,7 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
     out_dir = Path(out_dir)
     run_dir = Path(run_dir) if run_dir is not None else None
     _check_out_dir(out_dir, overwrite, run_dir)
-    images = cfg.objective in VISION_OBJECTIVES
+    images = cfg.modality == "images"
     converter = None if lmssl_format else _converter_or_none(cfg, log)
     if images and converter is None:
         raise UserError(f"an image ({cfg.objective}) run exports only as its transformers twin (model.family=vit); "
@@ -90,7 +91,7 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
             checks = {"backbone hidden states (lmssl reload)": _verify_native(objective, cfg, tokenizer, tmp)}
             result = ExportResult(out_dir, "lmssl TextBackbone", "native", checks)
             n_params = sum(p.numel() for p in objective.backbone.parameters())
-            pipeline_tag, notes = None, []
+            pipeline_tag, notes, usage = None, [], ""
         else:
             conv = converter(objective, cfg, tokenizer)
             hf = build_model(conv)
@@ -104,9 +105,10 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
                 hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
             n_params = hf.num_parameters()
             del hf
-            checks = verify_mae(objective, cfg, tmp) if conv.kind == "mae" else verify(objective, conv, cfg, tokenizer, tmp)
+            with quiet_transformers():
+                checks = conv.check(objective, cfg, tmp) if conv.check else verify(objective, conv, cfg, tokenizer, tmp)
             result = ExportResult(out_dir, conv.model_class.__name__, conv.kind, checks)
-            pipeline_tag, notes = conv.pipeline_tag, conv.notes
+            pipeline_tag, notes, usage = conv.pipeline_tag, conv.notes, conv.usage
         for name, diff in checks.items():
             log(f"export check: {name}: max |diff| {diff:.3g}")
         worst = max(checks.values())
@@ -118,7 +120,7 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
         if curve is not None and curve.is_file():
             shutil.copyfile(curve, tmp / "loss_curve.png")
         facts = _card_facts(run_dir, cfg, result, n_params, license, pipeline_tag, notes,
-                            "loss_curve.png" if curve is not None and curve.is_file() else None)
+                            "loss_curve.png" if curve is not None and curve.is_file() else None, usage)
         (tmp / "README.md").write_text(render(facts, card_name or out_dir.name), encoding="utf-8")
         _readable(tmp)
         move_into_place(tmp, out_dir)
@@ -132,18 +134,12 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
 
 
 def _read_run(run_dir: Path) -> RunConfig:
-    """The run's config, after checking that it is a run with a checkpoint and a loadable tokenizer."""
+    """The run's config, after checking that it is a run with a loadable tokenizer (text runs)."""
     from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.runs import read_run_config
 
-    run_file = run_dir / "run.json"
-    if not run_file.is_file():
-        raise UserError(f"{run_dir} is not an lmssl run directory (no run.json); pass the train.output_dir of a "
-                        "finished `lmssl pretrain` run")
-    try:
-        cfg = config_from_dict(json.loads(run_file.read_text())["config"])
-    except (ValueError, KeyError):
-        raise UserError(f"{run_file} is damaged (not the JSON lmssl writes); re-run the pretraining command") from None
-    if cfg.objective in VISION_OBJECTIVES:  # images: no tokenizer to ship
+    cfg = read_run_config(run_dir)
+    if cfg.modality == "images":  # images: no tokenizer to ship
         return cfg
     try:
         load_tokenizer(cfg.data.tokenizer)
@@ -154,7 +150,7 @@ def _read_run(run_dir: Path) -> RunConfig:
 
 
 def _load(run_dir: Path) -> tuple[nn.Module, RunConfig, object]:
-    from lmssl.train.loop import load_run
+    from lmssl.runs import load_run
 
     try:
         return load_run(run_dir)
@@ -299,30 +295,6 @@ def verify(objective: nn.Module, conv: Converted, cfg: RunConfig, tokenizer, fol
 
 
 @torch.no_grad()
-def verify_mae(objective: nn.Module, cfg: RunConfig, folder: Path) -> dict[str, float]:
-    """Reload ``folder`` (``AutoModelForPreTraining``, ``AutoModel``) and compare with the lmssl
-    MAE on two random images under one mask (ViTMAE's ``noise`` argument), in float32."""
-    import transformers
-
-    v = cfg.vision
-    images = torch.randn(2, v.channels, v.image_size, v.image_size, generator=torch.Generator().manual_seed(1234))
-    keep_idx, restore_idx = objective.draw_mask(2, torch.Generator().manual_seed(99))
-    noise = torch.rand(2, objective.encoder.num_patches, generator=torch.Generator().manual_seed(99))  # the same draw
-    checks = {}
-    with quiet_transformers():
-        model = transformers.AutoModelForPreTraining.from_pretrained(str(folder), dtype=torch.float32).eval()
-        ours = objective.pred(objective.decode(images, keep_idx, restore_idx))  # (B, N, p*p*C)
-        theirs = model(pixel_values=images, noise=noise).logits
-        checks[f"pixel predictions ({type(model).__name__})"] = float((ours - theirs).abs().max())
-        del model
-        model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-        theirs = model(pixel_values=images, noise=noise).last_hidden_state  # (B, 1 + K, dim)
-        checks["encoder hidden states (AutoModel)"] = float((objective.encoder(images, keep_idx) - theirs).abs().max())
-        transformers.AutoImageProcessor.from_pretrained(str(folder))  # loads
-    return checks
-
-
-@torch.no_grad()
 def _verify_native(objective: nn.Module, cfg: RunConfig, tokenizer, folder: Path) -> float:
     ids, mask = probe_batch(cfg)
     backbone, _, _ = native.load_native(folder)
@@ -334,8 +306,8 @@ def _verify_native(objective: nn.Module, cfg: RunConfig, tokenizer, folder: Path
 
 
 def _card_facts(run_dir: Path | None, cfg: RunConfig, result: ExportResult, n_params: int, license: str,
-                pipeline_tag: str | None, notes: list[str], loss_curve: str | None) -> CardFacts:
-    from lmssl.train import checkpoint as ckpt
+                pipeline_tag: str | None, notes: list[str], loss_curve: str | None, usage: str = "") -> CardFacts:
+    from lmssl.runs import checkpoint as ckpt
 
     c = ckpt.find_resumable(run_dir, log=lambda msg: None) if run_dir is not None else None
     state = ckpt.load_trainer_state(c.path) if c is not None else {}
@@ -356,4 +328,5 @@ def _card_facts(run_dir: Path | None, cfg: RunConfig, result: ExportResult, n_pa
     return CardFacts(cfg=cfg, run_dir=str(run_dir) if run_dir is not None else "(in memory)", step=int(state.get("step", 0)),
                      tokens_seen=int(state.get("tokens_seen", 0)), metrics=shown, n_params=n_params, license=license,
                      architecture=result.architecture, kind=result.kind, pipeline_tag=pipeline_tag,
-                     checks=result.checks, loss_curve=loss_curve, notes=notes, load_snippet=load_snippet)
+                     checks=result.checks, loss_curve=loss_curve, notes=notes, load_snippet=load_snippet,
+                     usage=usage)

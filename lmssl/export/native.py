@@ -28,7 +28,7 @@ FORMAT = "lmssl-backbone/1"
 
 def save_native(objective: nn.Module, cfg: RunConfig, out_dir: Path) -> None:
     """Write the backbone of ``objective`` and the config into ``out_dir``."""
-    from lmssl.train.checkpoint import save_weights
+    from lmssl.runs.checkpoint import save_weights
 
     backbone = getattr(objective, "backbone", None)
     if backbone is None:
@@ -43,7 +43,7 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu"):
     from transformers import AutoTokenizer
 
     from lmssl.models import TextBackbone
-    from lmssl.train.checkpoint import load_weights
+    from lmssl.runs.checkpoint import load_weights
 
     folder = Path(folder)
     if not (folder / CONFIG).is_file():

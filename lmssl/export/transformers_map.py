@@ -10,6 +10,7 @@ dict whose names and shapes that class expects. Converters are registered per
     mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
     cpc + bert   -> BertModel         (the segment encoder; the context network has no twin)
     mae + vit    -> ViTMAEForPreTraining (AutoModelForPreTraining; AutoModel gives ViTMAEModel)
+    *   + vit    -> ViTModel          (the backbone of every image objective without a converter of its own)
 
 Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
 LlamaModel, BertModel). An objective whose useful product is the backbone alone (CPC)
@@ -61,6 +62,10 @@ class Converted:
     # None: ``objective.backbone`` with the attention direction of ``kind``
     reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     positions: int | None = None  # positions of the exported model when fewer than model.max_positions
+    # ``check(objective, cfg, folder) -> {check name: max |difference|}`` for folders that do not
+    # take token ids (images); None: the text check of lmssl.export.core.verify
+    check: Callable[[nn.Module, RunConfig, object], dict[str, float]] | None = None
+    usage: str = ""  # the "How to use" code of the model card, with {name} for the folder/Hub name; "": the text default
 
 
 Converter = Callable[[nn.Module, RunConfig, object], Converted]
@@ -70,8 +75,9 @@ FAMILIES = ("gpt2", "llama", "bert", "vit", "custom")
 
 def register(objective: str, family: str, head: bool = True) -> Callable[[Converter], Converter]:
     """Decorator: ``converter(objective_module, cfg, tokenizer) -> Converted`` for runs of
-    ``objective`` whose ``model.family`` is ``family``. ``head=False``: the converter maps
-    the backbone only, so the head fields of the config are not checked."""
+    ``objective`` whose ``model.family`` is ``family`` (``objective="*"``: every objective
+    without a converter of its own). ``head=False``: the converter maps the backbone only,
+    so the head fields of the config are not checked."""
 
     def deco(fn: Converter) -> Converter:
         REGISTRY[(objective, family)] = (fn, head)
@@ -98,7 +104,7 @@ def find_converter(cfg: RunConfig) -> Converter:
     if family not in FAMILIES:
         raise UserError(f"unknown architecture family model.family='{family}' in this run; lmssl exports "
                         f"{', '.join(FAMILIES[:-1])} to transformers and 'custom' as lmssl weights")
-    key = (objective, family)
+    key = (objective, family) if (objective, family) in REGISTRY else ("*", family)
     if key not in REGISTRY:
         pairs = ", ".join(f"{o}+{f}" for o, f in sorted(REGISTRY))
         raise NoExactTwin(f"no exact transformers equivalent for objective '{objective}' with family '{family}' "
@@ -429,25 +435,124 @@ def vit_mae_pretraining(objective: nn.Module) -> tuple[object, dict[str, torch.T
         raise NoExactTwin("an MAE whose encoder sees mask tokens (mae.encoder_mask_token) has no ViTMAE twin")
     m, vision, mae = objective.cfg, objective.vision, objective.mae
     s = _state(objective)
-    p, C, grid = vision.patch_size, vision.channels, objective.encoder.grid
-
-    def table(dim: int) -> torch.Tensor:  # (1, 1 + N, dim)
-        return torch.cat([torch.zeros(1, dim), sincos_positions_2d(*grid, dim)])[None]
-
-    out = {"vit.embeddings.cls_token": s["encoder.cls"].view(1, 1, -1),
-           "vit.embeddings.position_embeddings": table(m.dim),
-           "vit.embeddings.patch_embeddings.projection.weight":
-               s["encoder.patches.weight"].view(m.dim, p, p, C).permute(0, 3, 1, 2).contiguous(),
-           "vit.embeddings.patch_embeddings.projection.bias": s["encoder.patches.bias"],
-           "vit.layernorm.weight": s["encoder.core.norm.weight"], "vit.layernorm.bias": s["encoder.core.norm.bias"],
-           "decoder.mask_token": s["mask_token"].view(1, 1, -1),
-           "decoder.decoder_pos_embed": table(mae.decoder_dim),
-           "decoder.decoder_norm.weight": s["decoder.norm.weight"], "decoder.decoder_norm.bias": s["decoder.norm.bias"]}
+    table = torch.cat([torch.zeros(1, mae.decoder_dim), sincos_positions_2d(*objective.encoder.grid, mae.decoder_dim)])
+    out = vit_backbone_state(objective.encoder, dst="vit.")
+    out |= {"decoder.mask_token": s["mask_token"].view(1, 1, -1), "decoder.decoder_pos_embed": table[None],
+            "decoder.decoder_norm.weight": s["decoder.norm.weight"], "decoder.decoder_norm.bias": s["decoder.norm.bias"]}
     for ours, theirs in (("decoder_embed", "decoder.decoder_embed"), ("pred", "decoder.decoder_pred")):
         out[f"{theirs}.weight"], out[f"{theirs}.bias"] = s[f"{ours}.weight"], s[f"{ours}.bias"]
-    out |= _blocks(s, m, "encoder.core.blocks.", "vit.layers.", _VIT_LAYER)
     out |= _blocks(s, objective.decoder_cfg, "decoder.blocks.", "decoder.decoder_layers.", _VIT_LAYER)
     return vit_mae_config(m, vision, mae), out
+
+
+def vit_config(m: ModelConfig, vision, architecture: str = "ViTModel"):
+    """``ViTConfig`` of the same shape as :class:`lmssl.models.VisionBackbone`."""
+    from transformers import ViTConfig
+
+    from lmssl.models.transformer import mlp_hidden
+
+    return ViTConfig(hidden_size=m.dim, num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                     intermediate_size=mlp_hidden(m), hidden_act=_ACT[m.activation], hidden_dropout_prob=m.dropout,
+                     attention_probs_dropout_prob=m.dropout, initializer_range=m.init_std, layer_norm_eps=m.norm_eps,
+                     image_size=vision.image_size, patch_size=vision.patch_size, num_channels=vision.channels,
+                     qkv_bias=m.bias, architectures=[architecture])
+
+
+def vit_backbone_state(backbone: nn.Module, dst: str = "") -> dict[str, torch.Tensor]:
+    """A :class:`~lmssl.models.VisionBackbone` state dict -> ``ViTModel`` names under ``dst``.
+
+    The patch embedding's ``(dim, p * p * C)`` weight becomes the ``(dim, C, p, p)``
+    convolution; the fixed sin-cos positions become the position table, with a zero row
+    for the class token (which has no position in lmssl)."""
+    from lmssl.nn import sincos_positions_2d
+
+    m, vision = backbone.cfg, backbone.vision
+    s = _state(backbone)
+    p, C = vision.patch_size, vision.channels
+    table = torch.cat([torch.zeros(1, m.dim), sincos_positions_2d(*backbone.grid, m.dim)])[None]  # (1, 1 + N, dim)
+    out = {f"{dst}embeddings.cls_token": s["cls"].view(1, 1, -1),
+           f"{dst}embeddings.position_embeddings": table,
+           f"{dst}embeddings.patch_embeddings.projection.weight":
+               s["patches.weight"].view(m.dim, p, p, C).permute(0, 3, 1, 2).contiguous(),
+           f"{dst}embeddings.patch_embeddings.projection.bias": s["patches.bias"],
+           f"{dst}layernorm.weight": s["core.norm.weight"], f"{dst}layernorm.bias": s["core.norm.bias"]}
+    out |= _blocks(s, m, "core.blocks.", f"{dst}layers.", _VIT_LAYER)
+    return out
+
+
+def _random_images(vision, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, vision.channels, vision.image_size, vision.image_size,
+                       generator=torch.Generator().manual_seed(1234))
+
+
+@torch.no_grad()
+def check_vit_backbone(backbone: nn.Module, folder) -> dict[str, float]:
+    """Reload ``folder`` with ``AutoModel`` and compare its hidden states with ``backbone``'s."""
+    import transformers
+
+    images = _random_images(backbone.vision)
+    model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    theirs = model(pixel_values=images).last_hidden_state  # (B, 1 + N, dim)
+    transformers.AutoImageProcessor.from_pretrained(str(folder))  # loads
+    return {f"hidden states ({type(model).__name__})": float((backbone(images) - theirs).abs().max())}
+
+
+VIT_USAGE = """from transformers import AutoImageProcessor, AutoModel
+
+processor = AutoImageProcessor.from_pretrained("{name}")
+model = AutoModel.from_pretrained("{name}")  # ViTModel
+inputs = processor(images=image, return_tensors="pt")  # image: a PIL image
+hidden = model(**inputs).last_hidden_state  # (1, 1 + patches, dim)
+features = {pooled}  # what lmssl's monitors and probe read"""
+
+
+@register("*", "vit", head=False)
+def vit_model(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """The ViT backbone of any image objective as ``ViTModel`` (``AutoModel``); fine-tunes
+    through ``ViTForImageClassification``, which reads the class token."""
+    import transformers
+
+    backbone = objective.backbone
+    pool = getattr(objective, "pool", "cls")
+    pooled = "hidden[:, 0]  # the class token" if pool == "cls" else "hidden[:, 1:].mean(dim=1)  # mean of the patches"
+    notes = ["the pooler (dense + tanh) was not pretrained and is freshly initialised: use `last_hidden_state`",
+             f"lmssl's features for this run are {'the class token' if pool == 'cls' else 'the mean of the patch states'}"
+             " of `last_hidden_state`",
+             "the image processor resizes to the training size without cropping"]
+    return Converted(transformers.ViTModel, vit_config(cfg.model, cfg.vision), vit_backbone_state(backbone),
+                     "image-backbone", "image-feature-extraction", notes, ("pooler.",),
+                     check=lambda obj, c, folder: check_vit_backbone(obj.backbone, folder),
+                     usage=VIT_USAGE.replace("{pooled}", pooled))
+
+
+@torch.no_grad()
+def check_mae(objective: nn.Module, cfg: RunConfig, folder) -> dict[str, float]:
+    """Reload ``folder`` (``AutoModelForPreTraining``, ``AutoModel``) and compare with the lmssl
+    MAE on two random images under one mask (ViTMAE's ``noise`` argument), in float32."""
+    import transformers
+
+    images = _random_images(cfg.vision)
+    keep_idx, restore_idx = objective.draw_mask(2, torch.Generator().manual_seed(99))
+    noise = torch.rand(2, objective.encoder.num_patches, generator=torch.Generator().manual_seed(99))  # the same draw
+    checks = {}
+    model = transformers.AutoModelForPreTraining.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ours = objective.pred(objective.decode(images, keep_idx, restore_idx))  # (B, N, p*p*C)
+    theirs = model(pixel_values=images, noise=noise).logits
+    checks[f"pixel predictions ({type(model).__name__})"] = float((ours - theirs).abs().max())
+    del model
+    model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    theirs = model(pixel_values=images, noise=noise).last_hidden_state  # (B, 1 + K, dim)
+    checks["encoder hidden states (AutoModel)"] = float((objective.encoder(images, keep_idx) - theirs).abs().max())
+    transformers.AutoImageProcessor.from_pretrained(str(folder))  # loads
+    return checks
+
+
+MAE_USAGE = """from transformers import AutoModelForPreTraining, AutoImageProcessor
+
+processor = AutoImageProcessor.from_pretrained("{name}")
+model = AutoModelForPreTraining.from_pretrained("{name}")
+inputs = processor(images=image, return_tensors="pt")  # image: a PIL image
+out = model(**inputs)  # out.loss; out.logits: the pixels predicted for every patch"""
 
 
 @register("mae", "vit")
@@ -462,4 +567,5 @@ def mae_vit(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
              f"`model.config.mask_ratio = 0.0` and pass `noise=torch.arange({n}.0).expand(batch_size, -1)`",
              "the image processor resizes to the training size without cropping; lmssl's held-out images were the "
              "largest centred square, resized"]
-    return Converted(transformers.ViTMAEForPreTraining, config, sd, "mae", "image-feature-extraction", notes)
+    return Converted(transformers.ViTMAEForPreTraining, config, sd, "mae", "image-feature-extraction", notes,
+                     check=check_mae, usage=MAE_USAGE)

@@ -1,4 +1,5 @@
-"""Output heads that map hidden states to vocabulary logits."""
+"""Output heads: vocabulary logits for language models, and the MLP projector / predictor
+heads that the joint-embedding image methods (SimCLR, BYOL, VICReg, DINO) put on a backbone."""
 
 from __future__ import annotations
 
@@ -45,3 +46,32 @@ class LMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.transform(h), self.weight, self.bias)
+
+
+class MLPHead(nn.Module):
+    """``(B, in_dim) -> (B, out_dim)`` through ``layers`` linear maps, each but the last
+    followed by batch norm (``batch_norm``) and ReLU: SimCLR's projector (2 layers), BYOL's
+    projector and predictor (2 layers, 4096 hidden in the paper), VICReg's expander (3 layers,
+    8192 wide). ``last_bn``: a batch norm without affine parameters on the output (SimCLR v2,
+    solo-learn's VICReg/Barlow heads use one; BYOL does not). Linear layers before a batch
+    norm carry no bias (the norm's shift replaces it)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, batch_norm: bool = True,
+                 last_bn: bool = False) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"MLPHead needs at least one layer, got {layers}")
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+        parts: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == layers - 1
+            parts.append(nn.Linear(a, b, bias=not (batch_norm and not last) and not (last and last_bn)))
+            if not last:
+                parts += [nn.BatchNorm1d(b)] if batch_norm else []
+                parts.append(nn.ReLU(inplace=True))
+            elif last_bn:
+                parts.append(nn.BatchNorm1d(b, affine=False))
+        self.net = nn.Sequential(*parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

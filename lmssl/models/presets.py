@@ -20,6 +20,9 @@ BERT = dict(family="bert", norm="layernorm", norm_eps=1e-12, norm_position="post
 VIT = dict(family="vit", norm="layernorm", norm_eps=1e-6, norm_position="pre", activation="gelu", gated_mlp=False,
            positions="sincos", bias=True, tie_embeddings=False, type_vocab_size=0, embedding_norm=False,
            head_transform=False, head_bias=False, causal=False, mlp_hidden=0, n_kv_heads=0)
+# A torchvision-named ResNet for the joint-embedding image methods (n_layers is the depth, dim
+# the pooled feature width); its state dict loads into torchvision.models.resnetNN.
+RESNET = dict(family="resnet", norm="layernorm", positions="none", causal=False, bias=False)
 # A modern encoder: pre-norm, RMSNorm, SwiGLU, RoPE, bidirectional. No exact transformers twin.
 ENCODER = dict(LLAMA, family="custom", causal=False)
 
@@ -35,10 +38,13 @@ PRESETS: dict[str, dict] = {
     "bert_tiny": {**BERT, **_size(256, 4, 4, 256)},
     "encoder_tiny": {**ENCODER, **_size(256, 4, 4, 256, mlp_hidden=704)},
     "vit_tiny": {**VIT, **_size(256, 4, 4, 256)},
+    "resnet18_cifar": {**RESNET, "dim": 512, "n_layers": 18, "n_heads": 1, "stem": "cifar"},  # 32 px images and less
     # reference sizes for GPUs
     "gpt2": {**GPT2, **_size(768, 12, 12, 1024)},
     "gpt2_medium": {**GPT2, **_size(1024, 24, 16, 1024)},
     "llama_small": {**LLAMA, **_size(768, 12, 12, 2048, n_kv_heads=4, mlp_hidden=2048)},
     "bert_base": {**BERT, **_size(768, 12, 12, 512)},
     "vit_base": {**VIT, **_size(768, 12, 12, 256)},
+    "resnet18": {**RESNET, "dim": 512, "n_layers": 18, "n_heads": 1, "stem": "imagenet"},
+    "resnet50": {**RESNET, "dim": 2048, "n_layers": 50, "n_heads": 1, "stem": "imagenet"},
 }

@@ -22,6 +22,11 @@ class VisionBackbone(nn.Module):
     Row 0 is the class token. Patches are embedded by :class:`PatchEmbedding` and get fixed
     2-D sin-cos positions (``model.positions`` must be ``sincos``); the class token has
     none. The core is bidirectional.
+
+    Images of another size than ``vision.image_size`` (a multiple of the patch size: DINO's
+    local crops, fine-tuning at a higher resolution) get the sin-cos positions of the
+    training grid's extent at fractional coordinates
+    (:func:`~lmssl.nn.sincos_positions_2d` with ``extent``), computed once per size.
     """
 
     def __init__(self, cfg: ModelConfig, vision: VisionConfig) -> None:
@@ -36,11 +41,16 @@ class VisionBackbone(nn.Module):
         self.grid = (vision.image_size // vision.patch_size,) * 2  # (gh, gw)
         self.patches = PatchEmbedding(vision.patch_size, vision.channels, cfg.dim, bias=cfg.bias)
         self.register_buffer("positions", sincos_positions_2d(*self.grid, cfg.dim), persistent=False)  # (N, dim)
+        self._other_grids: dict[tuple[int, int], torch.Tensor] = {}  # (gh, gw) -> (gh * gw, dim), CPU float32
         self.cls = nn.Parameter(torch.zeros(cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
         self.core = Transformer(cfg)
         init_weights(self, cfg)
         nn.init.normal_(self.cls, 0.0, cfg.init_std)
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
 
     @property
     def num_patches(self) -> int:
@@ -50,16 +60,27 @@ class VisionBackbone(nn.Module):
         """``(B, C, H, W) -> (B, N, p * p * C)``, checking the geometry against the config."""
         C, H, W = images.shape[1:]
         v = self.vision
-        if (C, H, W) != (v.channels, v.image_size, v.image_size):
+        if C != v.channels or H % v.patch_size or W % v.patch_size:
             raise ValueError(f"images of shape {tuple(images.shape[1:])} given to a model configured for "
-                             f"({v.channels}, {v.image_size}, {v.image_size}); resize the images or set vision.*")
+                             f"{v.channels} channel(s) and {v.patch_size}x{v.patch_size} patches; resize the images "
+                             "to a multiple of the patch size or set vision.*")
         return patchify(images, v.patch_size)
+
+    def positions_for(self, height: int, width: int) -> torch.Tensor:
+        """The ``(N, dim)`` position table of an image of ``height x width`` pixels."""
+        grid = (height // self.vision.patch_size, width // self.vision.patch_size)
+        if grid == self.grid:
+            return self.positions
+        if grid not in self._other_grids:
+            self._other_grids[grid] = sincos_positions_2d(*grid, self.cfg.dim, extent=self.grid)
+        return self._other_grids[grid].to(self.positions.device)
 
     def embed(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens with positions ``(B, N or K, dim)``; with ``keep_idx (B, K)`` only
         the kept patches are embedded."""
         patches = self.patchify(images)  # (B, N, p*p*C)
-        positions = self.positions.to(patches.dtype).expand(patches.shape[0], -1, -1)  # (B, N, dim)
+        table = self.positions_for(images.shape[2], images.shape[3])
+        positions = table.to(patches.dtype).expand(patches.shape[0], -1, -1)  # (B, N, dim)
         if keep_idx is not None:
             patches, positions = gather_tokens(patches, keep_idx), gather_tokens(positions, keep_idx)
         return self.patches(patches) + positions
@@ -75,7 +96,49 @@ class VisionBackbone(nn.Module):
         """The core over ``[cls, tokens]``: ``(B, L, dim) -> (B, 1 + L, dim)``."""
         return self.core(self.drop(self.with_cls(tokens)), is_causal=False)
 
+    def pooled(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """``images (B, C, H, W) -> (B, dim)``: the class token's final state (``cls``) or the
+        mean of the patch states (``mean``)."""
+        h = self(images)  # (B, 1 + N, dim)
+        return h[:, 0] if pool == "cls" else h[:, 1:].mean(dim=1)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (the class token counted as embedding)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.cls.numel() if non_embedding else n
+
+
+def image_backbone(cfg: ModelConfig, vision: VisionConfig) -> nn.Module:
+    """The backbone ``model.family`` names, with ``pooled(images, pool) -> (B, D)`` and ``dim``:
+    a :class:`VisionBackbone` (``vit``) or a torchvision-named
+    :class:`~lmssl.models.resnet.ResNet` (``resnet``: depth ``model.n_layers``, stem
+    ``model.stem``)."""
+    if cfg.family == "resnet":
+        from lmssl.models.resnet import ResNet
+
+        return ResNet(cfg.n_layers, cfg.stem, vision.channels)
+    return VisionBackbone(cfg, vision)
+
+
+@torch.no_grad()
+def forward_flops(module: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass of ``module`` on ``example``, counted
+    over its convolutions and linear layers (what dominates a convnet), per example row."""
+    total = [0.0]
+
+    def count(m, inputs, output):
+        if isinstance(m, nn.Conv2d):
+            total[0] += 2.0 * output.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total[0] += 2.0 * output.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = module.training
+    module.eval()
+    try:
+        module(example)
+    finally:
+        module.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total[0] / example.shape[0]

@@ -29,17 +29,26 @@ def sincos_positions(length: int, dim: int, base: float = 10000.0) -> torch.Tens
     return table.float()
 
 
-def sincos_positions_2d(grid_h: int, grid_w: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+def sincos_positions_2d(grid_h: int, grid_w: int, dim: int, base: float = 10000.0,
+                        extent: tuple[int, int] | None = None) -> torch.Tensor:
     """Fixed 2-D sinusoidal table ``(grid_h * grid_w, dim)`` for a patch grid, row-major.
 
     Each quarter of the features encodes one coordinate with ``dim / 4`` frequencies:
     ``[sin(col), cos(col), sin(row), cos(row)]``, MAE's layout (and so ViTMAE's).
+
+    ``extent=(H, W)``: the grid the model was trained on. A grid of another size then gets
+    the positions of the same image extent at fractional coordinates (the centre of patch
+    ``i`` of ``grid_h`` sits at ``(i + 1/2) * H / grid_h - 1/2``), the sin-cos analogue of interpolating a
+    position table: a small local crop or a larger fine-tuning image covers the positions
+    the model knows. ``extent`` equal to the grid gives the integer table.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
     omega = 1.0 / base ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
-                                indexing="ij")  # (gh, gw) each
+    H, W = (grid_h, grid_w) if extent is None else extent
+    ys = (torch.arange(grid_h, dtype=torch.float64) + 0.5) * (H / grid_h) - 0.5  # (gh,) patch centres
+    xs = (torch.arange(grid_w, dtype=torch.float64) + 0.5) * (W / grid_w) - 0.5  # (gw,)
+    rows, cols = torch.meshgrid(ys, xs, indexing="ij")  # (gh, gw) each
     col = cols.flatten()[:, None] * omega  # (N, dim/4)
     row = rows.flatten()[:, None] * omega
     return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1).float()

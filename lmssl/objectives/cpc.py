@@ -51,20 +51,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmssl.config import CPCConfig, ModelConfig, RunConfig
+from lmssl.config import ModelConfig, RunConfig
 from lmssl.errors import UserError
 from lmssl.losses import gather_with_grad, info_nce_with_accuracy, rank_offset
 from lmssl.models import TextBackbone, Transformer, eval_mode, init_weights
 from lmssl.nn import LearnedPositions, sincos_positions
 from lmssl.models.flops import transformer_flops_per_token
+from lmssl.objectives import Objective, register
 
 NEGATIVES = ("batch", "sequence")
+
+
+@dataclass
+class CPCConfig:
+    """The ``cpc:`` section of a recipe."""
+
+    segment_len: int = 8  # tokens per segment; each segment becomes one latent z_t
+    encoder_layers: int = 2  # layers of the bidirectional segment encoder
+    prediction_steps: int = 4  # K: predict z_{t+1} .. z_{t+K}
+    temperature: float = 0.1  # InfoNCE temperature
+    negatives: str = "batch"  # batch: all other (sequence, time) latents | sequence: other times of the same sequence
 
 
 def check_cpc_config(model: ModelConfig, cpc: CPCConfig, block_size: int) -> None:
@@ -100,7 +113,8 @@ def context_config(model: ModelConfig, cpc: CPCConfig) -> ModelConfig:
     return dataclasses.replace(model, causal=True, max_positions=max(1, model.max_positions // cpc.segment_len))
 
 
-class CPC(nn.Module):
+@register
+class CPC(Objective):
     """Segment encoder + causal context network + per-offset predictors.
 
     ``forward(batch)`` with ``batch["input_ids"] (B, T)`` (and optionally
@@ -109,10 +123,19 @@ class CPC(nn.Module):
     (``1 / candidates``) and ``z_std`` (collapse monitor, see :func:`latent_std`).
     """
 
+    name = "cpc"
+    modality = "text"
+    Config = CPCConfig
+    description = "contrastive predictive coding"
+    loss_label = "loss (InfoNCE, nats)"
+    recipe = "cpc_tiny"
+    smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.max_positions=64",
+                       "data.block_size=32", "cpc.prediction_steps=2", "optim.lr=3e-3")
     features_description = "mean of the context vectors c_t over the segments holding text"
 
-    def __init__(self, cfg: ModelConfig, cpc: CPCConfig, micro_batch_size: int = 16) -> None:
+    def __init__(self, cfg: ModelConfig, cpc: CPCConfig, micro_batch_size: int = 16, block_size: int = 0) -> None:
         super().__init__()
+        self.block_size = block_size or cfg.max_positions
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is normally taken from the tokenizer)")
         self.cfg, self.cpc = cfg, cpc
@@ -180,7 +203,23 @@ class CPC(nn.Module):
             z = z + self.context_sincos[:S].to(z.dtype)
         return self.context(z, is_causal=True)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @classmethod
+    def validate_config(cls, cfg: RunConfig) -> None:
+        check_cpc_config(cfg.model, cfg.cpc, cfg.data.block_size)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, tokenizer) -> CPC:
+        check_cpc_config(cfg.model, cfg.cpc, cfg.data.block_size)
+        return cls(cfg.model, cfg.cpc, cfg.train.micro_batch_size, cfg.data.block_size)
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Frozen features: ``input_ids (B, T)`` -> ``(B, D)``, see :meth:`context_features`."""
+        return self.context_features(batch["input_ids"], batch.get("attention_mask"))
+
+    def flops_per_sample(self) -> float:
+        return self.block_size * self.flops_per_token(self.block_size)
+
+    def context_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Frozen features for probing: ``(B, T) -> (B, D)``, the mean of the context vectors
         ``c_t`` over the segments that hold text.
 
@@ -355,8 +394,3 @@ def latent_std(zn: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Ten
     if zn.shape[0] < 2:
         return torch.zeros((), device=zn.device)
     return zn.float().std(dim=0).mean()
-
-
-def build(cfg: RunConfig, tokenizer) -> CPC:
-    check_cpc_config(cfg.model, cfg.cpc, cfg.data.block_size)
-    return CPC(cfg.model, cfg.cpc, cfg.train.micro_batch_size)

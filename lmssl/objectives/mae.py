@@ -17,23 +17,27 @@ a learned mask token (the ablation in the MAE paper, and the "full-sequence enco
 ``ViTMAEForPreTraining`` computes the same function: given the same weights and the
 same noise it returns the same loss (``tests/objectives/test_mae.py``).
 
-``lmssl pretrain recipes/mae_cifar10.yaml`` trains it (images from
-:mod:`lmssl.data.images`); from Python it is a module like the text objectives::
+Training images get MAE's augmentation (:func:`lmssl.data.views.mae_views`: a random
+resized crop of ``vision.crop_min_scale``-100% of the area and a left-right flip), cut on
+the device; held-out images are scored unaugmented.
 
-    cfg = load_config("recipes/mae_cifar10.yaml")
-    mae = build(cfg)
-    loss, metrics = mae({"pixel_values": images})  # images (B, 3, 32, 32), normalised
+``lmssl pretrain recipes/mae_tiny.yaml`` trains it on the bundled images; from Python it
+is a module like the text objectives::
+
+    cfg = load_config("recipes/mae_tiny.yaml")
+    mae = lmssl.objectives.build(cfg, None)
+    loss, metrics = mae.loss_on(images)  # images (B, 1, 28, 28), normalised
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lmssl.config import MAEConfig, ModelConfig, VisionConfig
+from lmssl.errors import UserError
 from lmssl.figures import plot_reconstructions
 from lmssl.losses.pixel import patch_mse
 from lmssl.masking import gather_tokens, num_kept, random_keep, restore_order
@@ -41,24 +45,51 @@ from lmssl.models.flops import transformer_flops_per_token
 from lmssl.models.transformer import Transformer, eval_mode, init_weights
 from lmssl.models.vision import VisionBackbone
 from lmssl.nn import sincos_positions_2d, unpatchify
+from lmssl.objectives import register
+from lmssl.objectives._image import ImageObjective
 
 Batch = dict[str, torch.Tensor]
 
 
-class MAE(nn.Module):
-    """``batch["pixel_values"] (B, C, H, W)`` -> pixel MSE on the hidden patches.
+@dataclass
+class MAEConfig:
+    """The ``mae:`` section of a recipe."""
+
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    decoder_dim: int = 512  # width of the (narrower) decoder
+    decoder_layers: int = 8  # decoder blocks
+    decoder_heads: int = 16  # decoder attention heads
+    norm_pix_loss: bool = True  # regress each patch's pixels normalised by its own mean and variance
+    encoder_mask_token: bool = False  # True: the encoder sees every patch, hidden ones as a mask token (MAE's slower ablation)
+
+
+@register
+class MAE(ImageObjective):
+    """``batch["images"]`` -> pixel MSE on the hidden patches of its (augmented) view.
 
     The batch may carry the mask as ``keep_idx (B, K)`` and ``restore_idx (B, N)``
     (:meth:`prepare_batch`); otherwise it is drawn in :meth:`forward` from a generator
     seeded by torch's global RNG (which the trainer seeds per step).
     """
 
-    def __init__(self, cfg: ModelConfig, vision: VisionConfig, mae: MAEConfig) -> None:
-        super().__init__()
+    name = "mae"
+    Config = MAEConfig
+    description = "masked autoencoding of image patches (MAE)"
+    loss_label = "loss (pixel MSE on hidden patches)"
+    pool = "mean"
+    warn_on_collapse = False
+    recipe = "mae_tiny"
+    smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "mae.decoder_dim=32",
+                       "mae.decoder_layers=1", "mae.decoder_heads=4")
+
+    def __init__(self, cfg, model_cfg=None, vision=None, mae: MAEConfig | None = None) -> None:
+        model_cfg, vision, mae = model_cfg or cfg.model, vision or cfg.vision, mae or cfg.mae
+        super().__init__(cfg, model_cfg.dim)
         if not 0.0 < mae.mask_ratio < 1.0:
             raise ValueError(f"mae.mask_ratio must be in (0, 1), got {mae.mask_ratio}")
-        self.cfg, self.vision, self.mae = cfg, vision, mae
-        self.encoder = VisionBackbone(cfg, vision)
+        self.cfg, self.vision, self.mae = model_cfg, vision, mae
+        self.encoder = VisionBackbone(model_cfg, vision)
+        cfg = model_cfg
         self.decoder_cfg = replace(cfg, dim=mae.decoder_dim, n_layers=mae.decoder_layers, n_heads=mae.decoder_heads,
                                    n_kv_heads=0, mlp_hidden=0)
         d, patch_pixels = mae.decoder_dim, vision.patch_size ** 2 * vision.channels
@@ -76,6 +107,38 @@ class MAE(nn.Module):
             if token is not None:
                 nn.init.normal_(token, 0.0, cfg.init_std)
 
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        if cfg.model.family == "resnet":
+            raise UserError("mae hides patches of a ViT; use a vit preset (model.preset=vit_tiny), not a ResNet")
+        m = cfg.mae
+        if not 0.0 < m.mask_ratio < 1.0:
+            raise UserError(f"mae.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+        if m.decoder_dim % max(m.decoder_heads, 1):
+            raise UserError(f"mae.decoder_dim={m.decoder_dim} must be divisible by mae.decoder_heads={m.decoder_heads}")
+
+    @classmethod
+    def build(cls, cfg, tokenizer=None) -> MAE:
+        return cls(cfg)
+
+    @classmethod
+    def make_views(cls, cfg):
+        from lmssl.data.views import ViewTransform, mae_views
+
+        v = cfg.vision
+        specs = mae_views(v.image_size, min_scale=v.crop_min_scale)
+        for spec in specs:
+            spec.hflip_p = 0.5 if v.hflip else 0.0
+        return ViewTransform(specs, v.mean, v.std, cfg.train.seed)
+
+    @property
+    def backbone(self) -> VisionBackbone:
+        return self.encoder
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the encoder's patch states with every patch visible: ``(B, dim)``."""
+        return self.encoder.pooled(images, self.pool)
+
     @property
     def num_kept(self) -> int:
         return num_kept(self.encoder.num_patches, mask_ratio=self.mae.mask_ratio)
@@ -89,18 +152,19 @@ class MAE(nn.Module):
 
     def prepare_batch(self, batch: Batch, generator: torch.Generator) -> Batch:
         """CPU side: draw the mask of every image in the batch."""
-        keep_idx, restore_idx = self.draw_mask(batch["pixel_values"].shape[0], generator)
+        keep_idx, restore_idx = self.draw_mask(batch["images"].shape[0], generator)
         return {**batch, "keep_idx": keep_idx, "restore_idx": restore_idx}
 
-    def _mask(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, batch: Batch, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if "keep_idx" in batch:
             return batch["keep_idx"], batch["restore_idx"]
-        images = batch["pixel_values"]
         seed = int(torch.randint(2**62, ()))  # CPU draw: no device synchronisation
         return self.draw_mask(images.shape[0], torch.Generator(images.device).manual_seed(seed))
 
-    def decode(self, images: torch.Tensor, keep_idx: torch.Tensor, restore_idx: torch.Tensor) -> torch.Tensor:
-        """Decoder output at every patch position: ``(B, N, decoder_dim)``."""
+    def decode(self, images: torch.Tensor, keep_idx: torch.Tensor, restore_idx: torch.Tensor,
+               with_latent: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decoder output at every patch position: ``(B, N, decoder_dim)`` (and, with
+        ``with_latent``, the encoder states ``(B, 1 + K or 1 + N, dim)``)."""
         B, N, K = images.shape[0], self.encoder.num_patches, keep_idx.shape[1]
         if self.encoder_mask_token is None:
             latent = self.encoder(images, keep_idx)  # (B, 1 + K, dim): visible patches only
@@ -112,20 +176,33 @@ class MAE(nn.Module):
             tokens = enc.patches(enc.patchify(images))  # (B, N, dim)
             hidden = hidden_mask(keep_idx, N)  # (B, N)
             tokens = torch.where(hidden[..., None], self.encoder_mask_token.to(tokens.dtype), tokens)
-            y = self.decoder_embed(enc.encode(tokens + enc.positions.to(tokens.dtype)))  # (B, 1 + N, d)
+            latent = enc.encode(tokens + enc.positions.to(tokens.dtype))  # (B, 1 + N, dim)
+            y = self.decoder_embed(latent)  # (B, 1 + N, d)
             patches = y[:, 1:]
         seq = torch.cat([y[:, :1], patches + self.decoder_positions.to(y.dtype)], dim=1)  # (B, 1 + N, d)
-        return self.decoder(seq, is_causal=False)[:, 1:]
+        out = self.decoder(seq, is_causal=False)[:, 1:]
+        return (out, latent) if with_latent else out
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = batch["pixel_values"]
-        keep_idx, restore_idx = self._mask(batch)
-        h = self.decode(images, keep_idx, restore_idx)  # (B, N, d)
+        """Training: the loss on the batch's augmented view, plus the online probe's on the
+        mean of the visible patches' encoder states; eval: the loss on the plain images."""
+        images = self.view_images(batch)[0] if self.training else self.plain_images(batch)
+        loss, metrics, latent = self.loss_on(images, *self._mask(batch, images))
+        probe_loss, probe_metrics = self.probe_step(latent[:, 1:].mean(dim=1), batch)
+        return loss + probe_loss, {**metrics, **probe_metrics}
+
+    def loss_on(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                restore_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """``images (B, C, H, W)`` normalised -> ``(loss, metrics, encoder states (B, 1 + K, dim))``;
+        without a mask one is drawn from torch's global RNG."""
+        if keep_idx is None:
+            keep_idx, restore_idx = self._mask({}, images)
+        h, latent = self.decode(images, keep_idx, restore_idx, with_latent=True)  # (B, N, d)
         hidden_idx = restore_idx.argsort(dim=1)[:, keep_idx.shape[1]:]  # (B, N - K) hidden positions
         pred = self.pred(gather_tokens(h, hidden_idx))  # (B, N - K, p*p*C): hidden patches only
         target = gather_tokens(self.encoder.patchify(images), hidden_idx)
         loss = patch_mse(pred, target, self.mae.norm_pix_loss)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach()}, latent
 
     @torch.no_grad()
     def report(self, tokenizer, eval_batches: list[dict[str, torch.Tensor]], cfg, out_dir: Path) -> str:
@@ -134,7 +211,7 @@ class MAE(nn.Module):
         if not eval_batches:
             return "mae: no held-out images to reconstruct"
         device = next(self.parameters()).device
-        images = torch.cat([b["pixel_values"] for b in eval_batches])[:8].to(device)
+        images = self.plain_images({"images": torch.cat([b["images"] for b in eval_batches])[:8].to(device)})
         with eval_mode(self):
             pictures = self.reconstruct(images, torch.Generator(device).manual_seed(cfg.train.seed))
         path = plot_reconstructions(images, pictures["hidden"], pictures["reconstruction"], self.vision.mean,
@@ -162,6 +239,9 @@ class MAE(nn.Module):
         return {"masked": unpatchify(masked, p, grid, C), "reconstruction": unpatchify(mixed, p, grid, C),
                 "hidden": hidden_pixels}
 
+    def flops_per_sample(self) -> float:
+        return self.flops_per_image()
+
     def flops_per_image(self) -> float:
         """Training FLOPs per image (3x forward): encoder on its tokens, decoder on all
         patches, the patch embedding on the patches it embeds, the prediction on hidden ones."""
@@ -180,8 +260,3 @@ def hidden_mask(keep_idx: torch.Tensor, length: int) -> torch.Tensor:
     """``keep_idx (B, K)`` -> ``(B, length)`` bool, True at the positions not kept."""
     mask = torch.ones(keep_idx.shape[0], length, dtype=torch.bool, device=keep_idx.device)
     return mask.scatter_(1, keep_idx, False)
-
-
-def build(cfg, tokenizer=None) -> MAE:
-    """``cfg``: a :class:`~lmssl.config.RunConfig`; images need no tokenizer."""
-    return MAE(cfg.model, cfg.vision, cfg.mae)

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 
-from lmssl.config import MLMConfig, ModelConfig, RunConfig
+from lmssl.config import ModelConfig, RunConfig
 from lmssl.errors import UserError
 from lmssl.losses.vocab import linear_cross_entropy
 from lmssl.masking import (
@@ -45,10 +44,23 @@ from lmssl.masking import (
 )
 from lmssl.models import LMHead, TextBackbone, eval_mode
 from lmssl.models.flops import transformer_flops_per_token
+from lmssl.objectives import Objective, mean_pool, register
 
 MASKINGS = ("token", "whole_word", "span")
 MASK_MARKERS = ("[MASK]", "<mask>")  # accepted in fill-mask texts, besides the tokenizer's own mask token
 WordScheme = Literal["byte_bpe", "sentencepiece", "wordpiece"]
+
+
+@dataclass
+class MLMConfig:
+    """The ``mlm:`` section of a recipe."""
+
+    mask_rate: float = 0.15  # fraction of tokens chosen for prediction
+    mask_token_prob: float = 0.8  # chosen tokens replaced by the mask token
+    random_token_prob: float = 0.1  # chosen tokens replaced by a random token (rest unchanged)
+    masking: str = "token"  # token | whole_word | span
+    mask_on_device: bool = False  # mask on the accelerator instead of in the CPU collator (reads the mask size back: one sync per micro-batch)
+    fill_examples: int = 4  # held-out sentences shown with top-3 fills at the end
 
 
 # ----------------------------------------------------------------------------- tokenizer facts
@@ -107,7 +119,8 @@ class MaskingSpec:
 # ----------------------------------------------------------------------------- the objective
 
 
-class MaskedLM(nn.Module):
+@register
+class MaskedLM(Objective):
     """Bidirectional backbone + LM head; ``batch`` -> cross-entropy at the masked positions.
 
     ``backbone`` and ``head`` are the names the BERT export maps onto ``BertForMaskedLM``.
@@ -115,11 +128,23 @@ class MaskedLM(nn.Module):
     ``labels`` runs without it.
     """
 
-    def __init__(self, cfg: ModelConfig, mlm: MLMConfig | None = None, spec: MaskingSpec | None = None) -> None:
+    name = "mlm"
+    modality = "text"
+    Config = MLMConfig
+    description = "masked language modelling (BERT-style)"
+    loss_label = "loss (nats/masked token)"
+    metric_names = {"accuracy": "masked-token accuracy"}
+    recipe = "bert_tiny"
+    smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.max_positions=64",
+                       "data.block_size=32")
+
+    def __init__(self, cfg: ModelConfig, mlm: MLMConfig | None = None, spec: MaskingSpec | None = None,
+                 block_size: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.mlm = mlm if mlm is not None else MLMConfig()
         self.spec = spec
+        self.block_size = block_size or cfg.max_positions
         self.backbone = TextBackbone(cfg)
         self.head = LMHead(cfg, self.backbone.tokens)
         # Masking tables: CPU copies for prepare_batch, buffers that follow the model to its
@@ -179,6 +204,14 @@ class MaskedLM(nn.Module):
         full = transformer_flops_per_token(m, self.backbone.num_params(), seq_len)
         head = m.dim * m.vocab_size + (m.dim * m.dim if m.head_transform else 0)
         return full - 6.0 * m.dim * m.vocab_size + 6.0 * self.mlm.mask_rate * head
+
+    def flops_per_sample(self) -> float:
+        return self.block_size * self.flops_per_token(self.block_size)
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the final hidden states over the real tokens, read bidirectionally: ``(B, dim)``."""
+        mask = batch.get("attention_mask")
+        return mean_pool(self.hidden(batch["input_ids"], mask), mask)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,13 +295,25 @@ class MaskedLM(nn.Module):
         return logits.softmax(dim=-1).cpu()
 
 
-def build(cfg: RunConfig, tokenizer) -> MaskedLM:
-    spec = MaskingSpec.from_tokenizer(tokenizer, cfg.mlm.masking)
-    m = cfg.mlm
-    if not (0.0 <= m.mask_token_prob and 0.0 <= m.random_token_prob and m.mask_token_prob + m.random_token_prob <= 1.0):
-        raise UserError(f"mlm.mask_token_prob + mlm.random_token_prob must be in [0, 1] (the rest stays unchanged), "
-                        f"got {m.mask_token_prob} + {m.random_token_prob}")
-    return MaskedLM(cfg.model, cfg.mlm, spec)
+    @classmethod
+    def validate_config(cls, cfg: RunConfig) -> None:
+        m = cfg.mlm
+        if not 0.0 < m.mask_rate < 1.0:
+            raise UserError(f"mlm.mask_rate must be in (0, 1), got {m.mask_rate}")
+        if not (0.0 <= m.mask_token_prob and 0.0 <= m.random_token_prob and m.mask_token_prob + m.random_token_prob <= 1.0):
+            raise UserError(f"mlm.mask_token_prob + mlm.random_token_prob must be in [0, 1] (the rest stays unchanged), "
+                            f"got {m.mask_token_prob} + {m.random_token_prob}")
+        if m.masking not in MASKINGS:
+            raise UserError(f"mlm.masking must be one of {', '.join(MASKINGS)}, got '{m.masking}'")
+
+    @classmethod
+    def build(cls, cfg: RunConfig, tokenizer) -> MaskedLM:
+        cls.validate_config(cfg)
+        return cls(cfg.model, cfg.mlm, MaskingSpec.from_tokenizer(tokenizer, cfg.mlm.masking), cfg.data.block_size)
+
+    def fill_mask(self, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k fills of every mask in ``text`` (see :func:`fill_mask`)."""
+        return fill_mask(self, tokenizer, text, top_k)
 
 
 # ----------------------------------------------------------------------------- fill-mask

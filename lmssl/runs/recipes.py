@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lmssl.errors import UserError
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def recipes_dir() -> Path:

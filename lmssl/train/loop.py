@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -19,18 +18,18 @@ import torch
 from tqdm.auto import tqdm
 
 from lmssl import objectives
-from lmssl.config import VISION_OBJECTIVES, RunConfig, config_from_dict
-from lmssl.data.batches import build_text_data, micro_batch, to_device
-from lmssl.data.images import build_image_data
+from lmssl.config import RunConfig
+from lmssl.data import build_data
+from lmssl.data.batches import to_device
 from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
-from lmssl.evaluate import evaluate_objective, language_metrics
+from lmssl.evaluate import evaluate_objective
 from lmssl.models import set_activation_checkpointing
-from lmssl.models.flops import transformer_flops_per_token
-from lmssl.train import checkpoint as ckpt
+from lmssl.runs import checkpoint as ckpt
+from lmssl.runs import prepare_run_dir
 from lmssl.train.flops import device_peak_flops
 from lmssl.train.log import JsonlLog, plot_loss_curve
-from lmssl.train.optim import lr_factor, make_optimizer, make_schedule, step_unless
+from lmssl.train.optim import group_hyperparameters, lr_factor, make_optimizer, make_schedule, step_unless
 
 
 class TrainingDiverged(UserError):
@@ -55,6 +54,7 @@ class NonFiniteGuard:
     def __init__(self, device: torch.device) -> None:
         self.count = torch.zeros((), device=device)  # flagged steps since the last settle
         self.last = torch.zeros(3, device=device)  # (loss, grad norm, step) of the latest flagged step
+        self.flag = torch.zeros((), device=device)  # 1.0 when the latest step was skipped (for after_step hooks)
 
     def update(self, health: torch.Tensor, step: int, grads_checked: bool = True) -> torch.Tensor:
         """``health (3,)``: loss, gradient norm, stop flag. Returns the 0-dim float flag
@@ -65,6 +65,7 @@ class NonFiniteGuard:
         self.count += bad
         seen = torch.cat([health[:2], torch.full_like(health[:1], float(step))])
         self.last = torch.where(bad > 0, seen, self.last)
+        self.flag = bad
         return bad
 
     def settle(self) -> tuple[int, list[float]]:
@@ -113,50 +114,6 @@ def complete_model_config(cfg: RunConfig, tokenizer) -> None:
     cfg.model.vocab_size = n
 
 
-def prepare_run_dir(cfg: RunConfig, is_main: bool, log) -> ckpt.Checkpoint | None:
-    """Claim the output directory; return the checkpoint to resume from, if any."""
-    out = Path(cfg.train.output_dir)
-    run_file = out / "run.json"
-    if run_file.is_file():
-        try:
-            previous = json.loads(run_file.read_text())
-        except ValueError:
-            previous = {}
-        if previous.get("fingerprint") != cfg.fingerprint():
-            if not cfg.train.overwrite:
-                raise UserError(f"{out} holds a different run (its model, data or objective differ); choose another "
-                                "train.output_dir, or pass train.overwrite=true to start over there")
-            if is_main:
-                log(f"overwriting the run in {out} (train.overwrite=true)")
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-                (out / "log.jsonl").unlink(missing_ok=True)
-        elif cfg.train.overwrite and is_main:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) and not cfg.train.overwrite:
-        raise UserError(f"{out} holds checkpoints but no run.json; choose another train.output_dir or pass "
-                        "train.overwrite=true")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_file, json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}, indent=1))
-    return ckpt.find_resumable(out, log) if not cfg.train.overwrite or run_file.is_file() else None
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild ``(objective, cfg, tokenizer)`` from a run directory's latest good checkpoint."""
-    run_dir = Path(run_dir)
-    run_file = run_dir / "run.json"
-    if not run_file.is_file():
-        raise UserError(f"{run_dir} is not an lmssl run directory (no run.json); pass the train.output_dir of a run")
-    cfg = config_from_dict(json.loads(run_file.read_text())["config"])
-    c = ckpt.find_resumable(run_dir)
-    if c is None:
-        raise UserError(f"{run_dir} has no usable checkpoint yet; train it first (lmssl pretrain ...)")
-    tokenizer = None if cfg.objective in VISION_OBJECTIVES else load_tokenizer(cfg.data.tokenizer)
-    model = objectives.build(cfg, tokenizer)
-    ckpt.load_weights(model, c.path / "model.safetensors")
-    return model.to(device).eval(), cfg, tokenizer
-
-
 def train(cfg: RunConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -169,91 +126,74 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda msg: None)
     out = Path(cfg.train.output_dir)
 
-    images = cfg.objective in VISION_OBJECTIVES
-    tokenizer = None if images else load_tokenizer(cfg.data.tokenizer)
+    kind = objectives.get(cfg.objective)
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if kind.modality != "images" else None
     if tokenizer is not None:
         complete_model_config(cfg, tokenizer)
     with accelerator.main_process_first():
+        data = build_data(cfg, kind, tokenizer, log)  # first: it completes the config (image classes)
         resume = prepare_run_dir(cfg, is_main, log)
-        data = build_image_data(cfg, log) if images else build_text_data(cfg, tokenizer, log)
 
     set_seed(cfg.train.seed)
     objective = objectives.build(cfg, tokenizer)
     n_params = sum(p.numel() for p in objective.parameters())
-    optimizer = make_optimizer(objective, cfg.optim, accelerator.device.type)
+    optimizer = make_optimizer(objective.param_groups(cfg.optim), cfg.optim, accelerator.device.type)
     schedule = make_schedule(optimizer, cfg.optim, cfg.train.max_steps)
     state = TrainState()
     if resume is not None:
-        ckpt.load_weights(objective, resume.path / "model.safetensors")
-        optimizer.load_state_dict(ckpt.load_optimizer_state(resume.path))
-        saved = ckpt.load_trainer_state(resume.path)
-        schedule.load_state_dict(saved["schedule"])
-        _apply_optim_config(optimizer, schedule, cfg)  # the recipe, not the checkpoint, sets hyper-parameters
-        state = TrainState(saved["step"], saved["cursor"], saved["tokens_seen"], saved.get("bad_steps", 0))
-        log(f"resuming from {resume.path} (step {state.step})")
+        state = _resume(resume, objective, optimizer, schedule, cfg, log)
     if state.step >= cfg.train.max_steps:
         log(f"{out} is already trained to step {state.step}; raise train.max_steps to train further")
         return {"step": state.step, "tokens_seen": state.tokens_seen, "complete": True}
     if cfg.train.activation_checkpointing:
         set_activation_checkpointing(objective)
+    objective.to(accelerator.device)
     model = torch.compile(objective) if cfg.train.compile else objective
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.train.trackers:
         accelerator.init_trackers(out.name, config=_flat(cfg.to_dict()))
+    if is_main and resume is None:
+        picture = objective.begin(data, out)
+        if picture:
+            log(picture)
 
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
-    global_batch = micro * accum * world
-    seq = cfg.data.block_size
-    # what throughput counts: tokens of text, or images
-    unit, per_sample = ("images", 1) if images else ("tokens", seq)
-    if images:
-        flops_per_unit = objective.flops_per_image()
-    elif hasattr(objective, "flops_per_token"):
-        flops_per_unit = objective.flops_per_token(seq)
-    else:
-        flops_per_unit = transformer_flops_per_token(cfg.model, n_params, seq)
+    accum, global_batch = cfg.train.grad_accum, cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    unit, per_sample = data.unit, data.units_per_sample  # what throughput counts: tokens of text, or images
+    flops_per_unit = objective.flops_per_sample() / per_sample
     peak, peak_source = device_peak_flops(accelerator.device)
     jsonl = JsonlLog(out / "log.jsonl", state.step if resume is not None else None, enabled=is_main)
-    shape = f"{global_batch} images" if images else f"{global_batch} x {seq} tokens"
+    shape = f"{global_batch} x {per_sample} {unit}" if per_sample > 1 else f"{global_batch} {unit}"
     log(f"{cfg.objective} | {n_params / 1e6:.2f}M parameters | {world} process(es) on {accelerator.device} | "
         f"global batch {shape} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 
     stop = _StopSignal()
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (is_main and cfg.train.progress),
                desc=cfg.objective, unit="step", dynamic_ncols=True)
-    window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log line, on the device
-    window_units, t_window = 0, time.perf_counter()
+    window = MetricWindow()
     guard, stop_flag = NonFiniteGuard(accelerator.device), LateRead()
+    stream = data.stream(cfg, state.cursor, rank, world)
     model.train()
     while state.step < cfg.train.max_steps:
         torch.manual_seed(step_seed(cfg.train.seed, state.step, rank))
         step_metrics: dict[str, torch.Tensor] = {}
         for a in range(accum):
-            batch, first = micro_batch(data, cfg, state.cursor, a, rank, world)
-            if hasattr(objective, "prepare_batch"):
-                batch = objective.prepare_batch(batch, torch.Generator().manual_seed(step_seed(cfg.train.seed, first, 0)))
+            batch, first = next(stream)
+            batch = objective.prepare_batch(batch, torch.Generator().manual_seed(step_seed(cfg.train.seed, first, 0)))
             batch = to_device(batch, accelerator.device)
-            sync = a == accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
+            with nullcontext() if a == accum - 1 else accelerator.no_sync(model):
                 loss, metrics = model(batch)
                 accelerator.backward(loss / accum)
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.float() / accum
         health, grad_norm = _checked_step(accelerator, model, optimizer, guard, cfg, step_metrics["loss"],
                                           state.step + 1, stop.requested)
+        objective.after_step(state.step, guard.flag)
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.cursor += global_batch
         state.tokens_seen += global_batch * per_sample
-        window_units += global_batch * per_sample
-        # log averages over the steps that updated the weights (and, under fp16, were not overflows)
-        counted = torch.isfinite(health[:2]).all()
-        for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + torch.where(counted, v, 0.0)  # tensors: read at log time only
-        if cfg.train.grad_clip > 0:
-            window["grad_norm"] = window.get("grad_norm", 0.0) + torch.where(counted, grad_norm, 0.0)
-        window["good_steps"] = window.get("good_steps", 0.0) + counted.float()
+        window.add(step_metrics, health, grad_norm if cfg.train.grad_clip > 0 else None, global_batch * per_sample)
         bar.update(1)
 
         last_step = state.step == cfg.train.max_steps
@@ -263,35 +203,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         stopping = stop.requested if world == 1 else stop_flag.swap(health[2])
         if logging or saving or stopping:
             _settle_bad_steps(guard, state, cfg, out, log, stop)
-
         if logging:
-            elapsed = time.perf_counter() - t_window
-            good_steps = float(window.pop("good_steps"))
-            record = {k: float(v) / good_steps if good_steps else float("nan") for k, v in window.items()}
-            if world > 1:
-                record = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
-                          for k, v in record.items()}
-            per_s = window_units / max(elapsed, 1e-9)
-            record.update({"step": state.step, "lr": schedule.get_last_lr()[0], f"{unit}_per_s": per_s,
-                           "tflops": per_s * flops_per_unit / 1e12, f"{unit}_seen": state.tokens_seen})
-            record["mfu"] = per_s * flops_per_unit / (peak * world) if peak else 0.0
+            record = window.record(accelerator, state, schedule, unit, flops_per_unit, peak)
             jsonl.write(record)
             if cfg.train.trackers:
                 accelerator.log(record, step=state.step)
-            bar.set_postfix({"loss": f"{record['loss']:.3f}", f"{unit[:3]}/s": f"{per_s:,.0f}",
+            bar.set_postfix({"loss": f"{record['loss']:.3f}", f"{unit[:3]}/s": f"{record[f'{unit}_per_s']:,.0f}",
                              "mfu": f"{record['mfu']:.1%}"})
             state.metrics = record
-            window, window_units, t_window = {}, 0, time.perf_counter()
-
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last_step:
-            ev = _evaluate(objective, data, cfg, accelerator)
-            jsonl.write({"step": state.step, "kind": "eval", **{f"eval_{k}": v for k, v in ev.items()}})
-            log(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in ev.items()))
-            state.metrics.update({f"eval_{k}": v for k, v in ev.items()})
-            if is_main:
-                plot_loss_curve(out / "log.jsonl", out / "loss_curve.png", f"{cfg.objective}: {out.name}",
-                                "loss (pixel MSE)" if images else "loss (nats/token)")
-
+            _evaluate_and_log(objective, data, cfg, accelerator, state, jsonl, log)
         if saving or stopping:
             _save(accelerator, model, optimizer, schedule, state, cfg)
         if stopping:
@@ -303,13 +224,88 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     bar.close()
     stop.restore()
     accelerator.end_training()
+    return _finish(objective, data, cfg, accelerator, state, tokenizer, n_params, unit)
+
+
+class MetricWindow:
+    """Metric sums over the steps since the last log line, kept on the device (read at log
+    time only); steps that were skipped (or fp16 overflows) are left out of the averages."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.units, self.t0 = 0, time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor], health: torch.Tensor, grad_norm: torch.Tensor | None,
+            units: int) -> None:
+        counted = torch.isfinite(health[:2]).all()
+        if grad_norm is not None:
+            metrics = {**metrics, "grad_norm": grad_norm}
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(counted, v, 0.0)
+        self.sums["good_steps"] = self.sums.get("good_steps", 0.0) + counted.float()
+        self.units += units
+
+    def record(self, accelerator, state: TrainState, schedule, unit: str, flops_per_unit: float,
+               peak: float) -> dict[str, float]:
+        """The log line's values (averaged over processes), and a fresh window."""
+        elapsed = time.perf_counter() - self.t0
+        good = float(self.sums.pop("good_steps"))
+        record = {k: float(v) / good if good else float("nan") for k, v in self.sums.items()}
+        if accelerator.num_processes > 1:
+            record = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                      for k, v in record.items()}
+        per_s = self.units / max(elapsed, 1e-9)
+        record.update({"step": state.step, "lr": schedule.get_last_lr()[0], f"{unit}_per_s": per_s,
+                       "tflops": per_s * flops_per_unit / 1e12, f"{unit}_seen": state.tokens_seen})
+        record["mfu"] = per_s * flops_per_unit / (peak * accelerator.num_processes) if peak else 0.0
+        self.__init__()
+        return record
+
+
+def _resume(resume: ckpt.Checkpoint, objective, optimizer, schedule, cfg: RunConfig, log) -> TrainState:
+    ckpt.load_weights(objective, resume.path / "model.safetensors")
+    optimizer.load_state_dict(ckpt.load_optimizer_state(resume.path))
+    saved = ckpt.load_trainer_state(resume.path)
+    schedule.load_state_dict(saved["schedule"])
+    # the recipe, not the checkpoint, sets hyper-parameters
+    group_hyperparameters(optimizer, objective.param_groups(cfg.optim), cfg.optim)
+    o, steps = cfg.optim, cfg.train.max_steps
+    schedule.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    schedule.lr_lambdas = [lambda s: lr_factor(s, o, steps) for _ in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, schedule.base_lrs):
+        group["lr"] = base * lr_factor(schedule.last_epoch, o, steps)
+    log(f"resuming from {resume.path} (step {saved['step']})")
+    return TrainState(saved["step"], saved["cursor"], saved["tokens_seen"], saved.get("bad_steps", 0))
+
+
+def _evaluate_and_log(objective, data, cfg: RunConfig, accelerator, state: TrainState, jsonl, log) -> None:
+    """Held-out metrics (the objective's loss and metrics on the fixed batches, then its own
+    extras: perplexity, k-NN, collapse); logged, kept in the state, and the loss curve redrawn."""
+    batches = [objective.prepare_batch(dict(b), torch.Generator().manual_seed(10_007 + i))
+               for i, b in enumerate(data.eval_batches)]
+    ev = evaluate_objective(objective, batches, accelerator.device, accelerator.autocast)
+    ev.update(objective.eval_metrics(ev, data, log))
+    jsonl.write({"step": state.step, "kind": "eval", **{f"eval_{k}": v for k, v in ev.items()}})
+    log(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in ev.items()))
+    state.metrics.update({f"eval_{k}": v for k, v in ev.items()})
+    if accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        plot_loss_curve(out / "log.jsonl", out / "loss_curve.png", f"{cfg.objective}: {out.name}",
+                        objective.loss_label)
+
+
+def _finish(objective, data, cfg: RunConfig, accelerator, state: TrainState, tokenizer, n_params: int,
+            unit: str) -> dict[str, Any]:
+    """The run's result, the end-of-run report and ``final_metrics.json`` (main process)."""
+    out = Path(cfg.train.output_dir)
+    is_main = accelerator.is_main_process
     result = {"step": state.step, f"{unit}_seen": state.tokens_seen, "params": n_params, "main_process": is_main,
               **state.metrics}
     if is_main:
         result["loss_curve"] = str(out / "loss_curve.png") if (out / "loss_curve.png").exists() else None
         if not math.isfinite(state.metrics.get("eval_loss", 0.0)):
-            log("no end-of-run report: the held-out loss is not finite (see the warnings above)")
-        elif hasattr(objective, "report"):
+            tqdm.write("no end-of-run report: the held-out loss is not finite (see the warnings above)", file=sys.stderr)
+        else:
             with accelerator.autocast():
                 result["report"] = objective.report(tokenizer, data.eval_batches, cfg, out)
         (out / "final_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1))
@@ -369,26 +365,6 @@ def _settle_bad_steps(guard: NonFiniteGuard, state: TrainState, cfg: RunConfig, 
             f"loss became {loss:.4g} (grad norm {grad_norm:.4g}) at step {int(step)}; training stopped. "
             f"Last good checkpoint: {last.path if last else 'none'}. Lower optim.lr, raise optim.warmup_steps, "
             "or allow train.max_bad_steps")
-
-
-def _evaluate(objective, data, cfg: RunConfig, accelerator) -> dict[str, float]:
-    batches = data.eval_batches
-    if hasattr(objective, "prepare_batch"):
-        batches = [objective.prepare_batch(dict(b), torch.Generator().manual_seed(10_007 + i)) for i, b in enumerate(batches)]
-    ev = evaluate_objective(objective, batches, accelerator.device, accelerator.autocast)
-    if cfg.objective == "clm":
-        ev.update(language_metrics(ev["loss"], data.bytes_per_token))
-    return ev
-
-
-def _apply_optim_config(optimizer, schedule, cfg: RunConfig) -> None:
-    o = cfg.optim
-    for group, decays in zip(optimizer.param_groups, (True, False)):
-        group.update(initial_lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay if decays else 0.0)
-    schedule.base_lrs = [o.lr for _ in optimizer.param_groups]
-    schedule.lr_lambdas = [lambda s: lr_factor(s, o, cfg.train.max_steps) for _ in optimizer.param_groups]
-    for group, base in zip(optimizer.param_groups, schedule.base_lrs):
-        group["lr"] = base * lr_factor(schedule.last_epoch, o, cfg.train.max_steps)
 
 
 def _save(accelerator, model, optimizer, schedule, state: TrainState, cfg: RunConfig) -> None:

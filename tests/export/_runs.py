@@ -11,7 +11,7 @@ import torch
 from lmssl.config import RunConfig, load_config
 from lmssl.data.text import CORPUS_DIR
 from lmssl.data.tokenizer import load_tokenizer
-from lmssl.train import checkpoint as ckpt
+from lmssl.runs import checkpoint as ckpt
 from lmssl.train.loop import train
 from tests.conftest import ROOT, TINY
 
@@ -52,10 +52,10 @@ def pretrain(out: Path, family: str = "gpt2", steps: int = 3, extra: list[str] =
     return out
 
 
-def tiny_config(preset: str, objective: str = "clm", **model) -> RunConfig:
+def tiny_config(preset: str, objective: str = "clm", *overrides: str, **model) -> RunConfig:
     """A complete config (vocabulary from the default tokenizer) without training."""
     cfg = load_config(None, [f"objective={objective}", f"model.preset={preset}", "model.dim=64", "model.n_layers=2",
-                             "model.n_heads=4", "model.max_positions=64", "data.block_size=32"])
+                             "model.n_heads=4", "model.max_positions=64", "data.block_size=32", *overrides])
     for k, v in model.items():
         setattr(cfg.model, k, v)
     cfg.model.vocab_size = len(load_tokenizer("default"))

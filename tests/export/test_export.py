@@ -18,7 +18,7 @@ from lmssl.export.native import load_native
 from lmssl.models import LMHead, TextBackbone
 from lmssl.models.generate import generate_ids
 from lmssl.objectives.causal_lm import CausalLM
-from lmssl.train.loop import load_run
+from lmssl.runs import load_run
 from tests.export._runs import perturb, pretrain, tiny_config, write_run
 
 TOL = 1e-4
@@ -280,8 +280,8 @@ def test_cpc_encoder_exports_to_bertmodel(tmp_path):
 
     from lmssl.objectives.cpc import CPC
 
-    cfg = tiny_config("bert_tiny", "cpc")
-    cfg.cpc.segment_len, cfg.cpc.encoder_layers, cfg.cpc.prediction_steps = 8, 1, 2
+    cfg = tiny_config("bert_tiny", "cpc", "cpc.prediction_steps=2")
+    cfg.cpc.segment_len, cfg.cpc.encoder_layers = 8, 1
     objective = perturb(CPC(cfg.model, cfg.cpc))
     run = write_run(tmp_path / "run", cfg, objective)
     out = tmp_path / "hf"
@@ -323,10 +323,10 @@ def test_mae_run_exports_to_vit_mae_and_its_image_processor(tmp_path, capsys):
     assert type(hf).__name__ == "ViTMAEForPreTraining"
 
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    batch = objective.prepare_batch({"pixel_values": images}, torch.Generator().manual_seed(5))
+    keep_idx, restore_idx = objective.draw_mask(3, torch.Generator().manual_seed(5))
     noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(5))  # the draw random_keep made
     with torch.no_grad():
-        ours = objective(batch)[0]
+        ours = objective.loss_on(images, keep_idx, restore_idx)[0]
         theirs = hf(pixel_values=images, noise=noise).loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
@@ -339,10 +339,10 @@ def test_mae_run_exports_to_vit_mae_and_its_image_processor(tmp_path, capsys):
 
     processor = AutoImageProcessor.from_pretrained(str(out))
     pil = Image.open(paths[0]).convert("RGB")
-    from lmssl.data.images import ImageSamples
+    from lmssl.data.images import decode_image
 
-    samples = ImageSamples([{"image": pil}], cfg.vision, 0, augment=False)
-    ours_pixels = samples.normalize(torch.from_numpy(samples.transform(pil, 0))[None])[0]
+    uint8 = torch.from_numpy(decode_image({"path": str(paths[0]), "bytes": None}, 3, cfg.vision.image_size))
+    ours_pixels = objective.plain_images({"images": uint8[None]})[0]  # decoded and normalised as in training
     theirs_pixels = processor(images=pil, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(theirs_pixels, ours_pixels, rtol=0, atol=1e-5)
     readme = (out / "README.md").read_text()

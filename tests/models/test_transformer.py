@@ -68,12 +68,12 @@ def test_gqa_and_variants_build():
 
 
 def test_weight_decay_groups():
-    from lmssl.train.optim import param_groups
+    from lmssl.objectives import decay_groups
 
     b = TextBackbone(make("gpt_tiny"))
-    decay, no_decay = param_groups(b, 0.1)
+    decay, no_decay = decay_groups(b.parameters(), 0.1)
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0.0
+    assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"]
 
 
 def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients():

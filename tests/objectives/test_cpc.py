@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from lmssl.config import load_config
 from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
-from lmssl.objectives.cpc import CPC, build, check_cpc_config, latent_std, predictive_nce
+from lmssl.objectives.cpc import CPC, check_cpc_config, latent_std, predictive_nce
 from lmssl.train.log import read_log
-from lmssl.train.loop import load_run, train
+from lmssl.runs import load_run
+from lmssl.train.loop import train
 from tests.conftest import ROOT, TINY
 
 RECIPE = ROOT / "recipes" / "cpc_tiny.yaml"
@@ -32,7 +33,7 @@ def tiny_model(tok, *extra: str) -> CPC:
     cfg = load_config(RECIPE, TINY_CPC + list(extra))
     cfg.model.vocab_size = len(tok)
     torch.manual_seed(0)
-    return build(cfg, tok)
+    return CPC.build(cfg, tok)
 
 
 def unit_latents(B: int, S: int, D: int, seed: int = 0) -> torch.Tensor:
@@ -48,7 +49,7 @@ def test_shapes_and_metrics(tok):
     z, valid = model.encode(ids)
     assert z.shape == (3, 4, 64) and valid is None
     assert model.contextualize(z).shape == (3, 4, 64)
-    assert model.features(ids).shape == (3, 64)
+    assert model.context_features(ids).shape == (3, 64)
     loss, metrics = model({"input_ids": ids})
     assert loss.shape == () and loss.requires_grad
     assert set(metrics) == {"loss", "accuracy", "chance", "z_std", "loss_k1", "acc_k1", "loss_k2", "acc_k2"}
@@ -72,7 +73,7 @@ def test_padded_batch_matches_the_unpadded_rows(tok):
     assert valid.tolist() == [[True] * 4, [True, True, True, False]]
     z_row1, _ = model.encode(ids[1:, :16])
     torch.testing.assert_close(z[1, :2], z_row1[0], rtol=1e-5, atol=1e-5)
-    feats = model.features(ids, mask)
+    feats = model.context_features(ids, mask)
     torch.testing.assert_close(feats[1], model.contextualize(z[1:, :3]).mean(dim=1)[0], rtol=1e-5, atol=1e-5)
     loss, metrics = model({"input_ids": ids, "attention_mask": mask})
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
@@ -151,9 +152,8 @@ def test_bad_cpc_settings_give_one_clear_line(tok, override, words):
 
 
 def test_bad_block_size_fails_before_any_step(tmp_path):
-    cfg = load_config(RECIPE, TINY_CPC + ["data.block_size=36", f"train.output_dir={tmp_path}"])
-    with pytest.raises(UserError, match="not a multiple of cpc.segment_len"):
-        train(cfg)
+    with pytest.raises(UserError, match="not a multiple of cpc.segment_len"):  # when the recipe is read
+        train(load_config(RECIPE, TINY_CPC + ["data.block_size=36", f"train.output_dir={tmp_path}"]))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -177,7 +177,7 @@ def test_cpc_tiny_trains_two_steps_and_reloads(tmp_path):
     assert "offset k" in result["report"] and "chance" in result["report"]
     model, cfg2, tok = load_run(out)
     assert cfg2.objective == "cpc" and isinstance(model, CPC)
-    assert model.features(torch.randint(0, len(tok), (2, 32))).shape == (2, 64)
+    assert model.features({"input_ids": torch.randint(0, len(tok), (2, 32))}).shape == (2, 64)
 
 
 def test_prediction_beats_chance_after_a_short_run(tmp_path):

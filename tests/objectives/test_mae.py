@@ -17,7 +17,7 @@ from lmssl.export.transformers_map import NoExactTwin, vit_mae_pretraining
 from lmssl.losses import normalize_patches, patch_mse
 from lmssl.masking._common import uniform
 from lmssl.nn import PatchEmbedding, patchify, sincos_positions_2d, unpatchify
-from lmssl.objectives.mae import MAE, build
+from lmssl.objectives.mae import MAE
 from lmssl.train.optim import make_optimizer
 
 SMALL = ["model.preset=vit_tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "vision.image_size=32",
@@ -25,12 +25,12 @@ SMALL = ["model.preset=vit_tiny", "model.dim=64", "model.n_layers=2", "model.n_h
 
 
 def mae_cfg(*extra: str):
-    return load_config(None, SMALL + list(extra))
+    return load_config(None, ["objective=mae"] + SMALL + list(extra))
 
 
 def make_mae(*extra: str, seed: int = 0) -> MAE:
     torch.manual_seed(seed)
-    return build(mae_cfg(*extra))
+    return MAE.build(mae_cfg(*extra))
 
 
 def simple_images(n: int, g: torch.Generator, size: int = 32) -> torch.Tensor:
@@ -51,11 +51,11 @@ def test_loss_equals_vit_mae_for_pretraining(norm_pix):
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     # random_keep draws U[0, 1) noise from the generator exactly as ViTMAE's `noise` argument wants it
     noise = uniform((3, 64), torch.Generator().manual_seed(7), None)
-    batch = m.prepare_batch({"pixel_values": images}, torch.Generator().manual_seed(7))
-    ours, _ = m(batch)
+    keep_idx, restore_idx = m.draw_mask(3, torch.Generator().manual_seed(7))
+    ours, _, _ = m.loss_on(images, keep_idx, restore_idx)
     theirs = ref(pixel_values=images, noise=noise)
     assert ours.item() == pytest.approx(theirs.loss.item(), rel=1e-5)
-    hidden = torch.ones(3, 64, dtype=torch.bool).scatter_(1, batch["keep_idx"], False)
+    hidden = torch.ones(3, 64, dtype=torch.bool).scatter_(1, keep_idx, False)
     assert torch.equal(theirs.mask.bool(), hidden)
 
 
@@ -63,13 +63,13 @@ def test_encoder_runs_on_visible_patches_only():
     m = make_mae()
     seen = []
     m.encoder.core.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
-    m({"pixel_values": torch.randn(2, 3, 32, 32)})
+    m.loss_on(torch.randn(2, 3, 32, 32))
     assert seen == [torch.Size([2, 1 + 16, 64])]  # class token + 25% of 64 patches
 
     full = make_mae("mae.encoder_mask_token=true")
     seen.clear()
     full.encoder.core.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
-    full({"pixel_values": torch.randn(2, 3, 32, 32)})
+    full.loss_on(torch.randn(2, 3, 32, 32))
     assert seen == [torch.Size([2, 1 + 64, 64])]
     assert full.flops_per_image() > 2 * m.flops_per_image()
     with pytest.raises(NoExactTwin):
@@ -84,17 +84,16 @@ def test_training_lowers_the_loss(variant):
     opt = make_optimizer(m, cfg.optim, "cpu")
     g = torch.Generator().manual_seed(0)
     eval_images = simple_images(32, torch.Generator().manual_seed(99))
-    eval_batch = m.prepare_batch({"pixel_values": eval_images}, torch.Generator().manual_seed(3))
+    eval_mask = m.draw_mask(32, torch.Generator().manual_seed(3))
 
     def held_out() -> float:
         with torch.no_grad():
-            return m.eval()(eval_batch)[0].item()
+            return m.eval().loss_on(eval_images, *eval_mask)[0].item()
 
     before = held_out()
     m.train()
     for _ in range(100):
-        batch = m.prepare_batch({"pixel_values": simple_images(16, g)}, g)
-        loss, _ = m(batch)
+        loss, _, _ = m.loss_on(simple_images(16, g), *m.draw_mask(16, g))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -106,11 +105,11 @@ def test_mask_drawn_in_forward_follows_the_global_seed():
     m = make_mae()
     images = torch.randn(2, 3, 32, 32)
     torch.manual_seed(3)
-    a = m({"pixel_values": images})[0]
+    a = m.loss_on(images)[0]
     torch.manual_seed(3)
-    b = m({"pixel_values": images})[0]
+    b = m.loss_on(images)[0]
     torch.manual_seed(4)
-    c = m({"pixel_values": images})[0]
+    c = m.loss_on(images)[0]
     assert a.item() == b.item() and a.item() != c.item()
 
 
@@ -128,8 +127,10 @@ def test_reconstruct_keeps_visible_patches_and_predicts_hidden_ones():
 
 def test_wrong_image_size_is_one_clear_error():
     m = make_mae()
-    with pytest.raises(ValueError, match="resize the images or set vision"):
-        m({"pixel_values": torch.randn(2, 3, 64, 64)})
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        m.loss_on(torch.randn(2, 3, 30, 30))
+    with pytest.raises(ValueError, match="1 channel"):
+        MAE.build(mae_cfg("vision.channels=1", "vision.mean=[0.5]", "vision.std=[0.5]")).loss_on(torch.randn(2, 3, 32, 32))
     with pytest.raises(UserError, match="multiple of vision.patch_size"):
         mae_cfg("vision.image_size=30")
     with pytest.raises(UserError, match="mae.mask_ratio"):
@@ -185,7 +186,8 @@ def test_patch_mse():
 
 def test_pretrain_mae_on_an_image_folder_then_resume(tmp_path):
     from lmssl.train.log import read_log
-    from lmssl.train.loop import load_run, train
+    from lmssl.runs import load_run
+    from lmssl.train.loop import train
     from tests.data.test_images import write_images
 
     write_images(tmp_path / "imgs", 64, size=(32, 32))

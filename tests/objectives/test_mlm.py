@@ -17,10 +17,12 @@ from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
 from lmssl.evaluate import evaluate_objective
 from lmssl.masking import IGNORE_INDEX, select_masked
-from lmssl.objectives.mlm import MaskedLM, MaskingSpec, build, encode_with_masks, fill_mask
+from lmssl.objectives.mlm import MaskedLM, MaskingSpec, encode_with_masks, fill_mask
+build = MaskedLM.build
 from lmssl.models.flops import transformer_flops_per_token
 from lmssl.train.log import read_log
-from lmssl.train.loop import load_run, train
+from lmssl.runs import load_run
+from lmssl.train.loop import train
 from tests.conftest import ROOT, TINY
 
 RECIPE = ROOT / "recipes" / "bert_tiny.yaml"

@@ -22,16 +22,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 import lmssl
-from lmssl.config import load_config
 from lmssl.train.loop import train
-from tests.conftest import ROOT, TINY
+from tests.objectives.test_conformance import NAMES, smoke_config
 
 READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "nonzero", "masked_select",
          "unique"}
 INDEXING = {"__getitem__", "__setitem__", "index_put", "index_put_"}  # reads when indexed by a boolean mask
 # Reads that are of host tensors by design: the data path (before the batch moves), and
 # InfoNCE's range check of its indices, which it makes only when they are on the CPU.
-HOST_SIDE = {"micro_batch", "prepare_batch", "_info_nce_logits"}
+HOST_SIDE = {"micro_batch", "stream", "prepare_batch", "_info_nce_logits"}
 PACKAGE = str(Path(lmssl.__file__).parent)
 
 
@@ -54,40 +53,19 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def reads_of_a_run(overrides: list[str], steps: int, out) -> collections.Counter:
-    cfg = load_config(None, overrides + [f"train.output_dir={out}", f"train.max_steps={steps}",
-                                         "train.log_every=1000", "train.eval_every=0", "train.save_every=0"])
+def reads_of_a_run(objective: str, steps: int, out) -> collections.Counter:
+    cfg = smoke_config(objective, out, f"train.max_steps={steps}", "train.log_every=1000", "train.eval_every=0",
+                       "train.save_every=0")
     with HostReads() as reads:
         train(cfg)
     return reads.seen
 
 
-def image_folder(tmp_path) -> str:
-    from tests.data.test_images import write_images
-
-    write_images(tmp_path / "imgs", 32, size=(32, 32))
-    return str(tmp_path / "imgs")
-
-
-RUNS = {
-    "clm": lambda tmp: TINY + ["train.sample_tokens=4"],
-    "mlm": lambda tmp: TINY + ["objective=mlm", "model.preset=bert_tiny", "model.dim=64", "model.n_layers=2",
-                               "model.n_heads=2", "model.max_positions=64"],
-    "cpc": lambda tmp: [o for o in TINY if not o.startswith("model.preset=")]
-    + ["objective=cpc", "model.preset=bert_tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=2",
-       "model.max_positions=64", "cpc.prediction_steps=2"],
-    "mae": lambda tmp: ["objective=mae", "model.preset=vit_tiny", "model.dim=64", "model.n_layers=2",
-                        "model.n_heads=4", "vision.image_size=32", "vision.patch_size=4", "mae.decoder_dim=32",
-                        "mae.decoder_layers=1", "mae.decoder_heads=4", f"data.train_files={image_folder(tmp)}",
-                        "data.validation_fraction=0.25", "train.micro_batch_size=8", "train.progress=false"],
-}
-
-
-@pytest.mark.parametrize("objective", sorted(RUNS))
+@pytest.mark.parametrize("objective", NAMES)
 def test_training_steps_make_no_host_reads(tmp_path, objective):
-    overrides = RUNS[objective](tmp_path)
-    short = reads_of_a_run(overrides, 3, tmp_path / "short")
-    long = reads_of_a_run(overrides, 7, tmp_path / "long")
+    """Every registered objective, on its shrunk recipe (tests/objectives/test_conformance.py)."""
+    short = reads_of_a_run(objective, 3, tmp_path / "short")
+    long = reads_of_a_run(objective, 7, tmp_path / "long")
     per_step = {k: (long[k] - short[k]) / 4 for k in long.keys() | short.keys() if long[k] != short[k]}
     assert not per_step, f"reads of device values in every training step: {per_step}"
     assert sum(short.values()) > 0  # the end of a run (evaluation, log line, report) does read: the watch works
@@ -104,11 +82,10 @@ def test_a_host_read_in_the_step_is_seen(tmp_path):
         float(loss.detach())  # what a careless logging line does
         return loss, metrics
 
-    overrides = RUNS["clm"](tmp_path)
     CausalLM.forward = forward_and_read
     try:
-        short = reads_of_a_run(overrides, 3, tmp_path / "short")
-        long = reads_of_a_run(overrides, 7, tmp_path / "long")
+        short = reads_of_a_run("clm", 3, tmp_path / "short")
+        long = reads_of_a_run("clm", 7, tmp_path / "long")
     finally:
         CausalLM.forward = forward
     assert sum(long.values()) - sum(short.values()) == 4, (short, long)

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from lmssl.train.checkpoint import find_resumable, verify
+from lmssl.runs.checkpoint import find_resumable, verify
 from tests.conftest import ROOT, TINY
 
 

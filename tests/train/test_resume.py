@@ -102,7 +102,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference):
     data = bytearray(latest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     latest.write_bytes(bytes(data))
-    from lmssl.train.checkpoint import find_resumable
+    from lmssl.runs.checkpoint import find_resumable
 
     messages = []
     found = find_resumable(tmp_path, messages.append)

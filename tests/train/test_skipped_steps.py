@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmssl.config import load_config
-from lmssl.train import checkpoint as ckpt
+from lmssl.runs import checkpoint as ckpt
 from lmssl.train.loop import train
 from lmssl.train.optim import step_unless
 from tests.conftest import ROOT, TINY

@@ -1,7 +1,8 @@
 import json
 
 from lmssl.config import load_config
-from lmssl.train.loop import load_run, train
+from lmssl.runs import load_run
+from lmssl.train.loop import train
 from lmssl.train.log import read_log
 from tests.conftest import ROOT
 
