@@ -94,20 +94,29 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
             pipeline_tag, notes, usage = None, [], ""
         else:
             conv = converter(objective, cfg, tokenizer)
-            hf = build_model(conv)
-            if conv.kind == "causal-lm":
-                from transformers import GenerationConfig
+            for name, state in conv.extra_files.items():
+                from lmssl.runs.checkpoint import save_weights
 
-                hf.generation_config = GenerationConfig(bos_token_id=hf.config.bos_token_id,
-                                                        eos_token_id=hf.config.eos_token_id,
-                                                        pad_token_id=hf.config.pad_token_id)
-            with quiet_transformers():
-                hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-            n_params = hf.num_parameters()
-            del hf
+                save_weights(state, tmp / name)
+            if conv.model_class is None:  # no transformers class: the extra files are the export
+                n_params = sum(p.numel() for p in objective.backbone.parameters())
+            else:
+                hf = build_model(conv)
+                if conv.kind == "causal-lm":
+                    from transformers import GenerationConfig
+
+                    hf.generation_config = GenerationConfig(bos_token_id=hf.config.bos_token_id,
+                                                            eos_token_id=hf.config.eos_token_id,
+                                                            pad_token_id=hf.config.pad_token_id)
+                with quiet_transformers():
+                    hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+                n_params = hf.num_parameters()
+                del hf
             with quiet_transformers():
                 checks = conv.check(objective, cfg, tmp) if conv.check else verify(objective, conv, cfg, tokenizer, tmp)
-            result = ExportResult(out_dir, conv.model_class.__name__, conv.kind, checks)
+            architecture = conv.model_class.__name__ if conv.model_class is not None else \
+                ", ".join(f"`{n}`" for n in conv.extra_files)
+            result = ExportResult(out_dir, architecture, conv.kind, checks)
             pipeline_tag, notes, usage = conv.pipeline_tag, conv.notes, conv.usage
         for name, diff in checks.items():
             log(f"export check: {name}: max |diff| {diff:.3g}")

@@ -38,6 +38,7 @@ Weight layouts (lmssl -> transformers):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -66,11 +67,13 @@ class Converted:
     # take token ids (images); None: the text check of lmssl.export.core.verify
     check: Callable[[nn.Module, RunConfig, object], dict[str, float]] | None = None
     usage: str = ""  # the "How to use" code of the model card, with {name} for the folder/Hub name; "": the text default
+    # more safetensors files written beside the model (name -> state dict), e.g. a ResNet's torchvision weights
+    extra_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 Converter = Callable[[nn.Module, RunConfig, object], Converted]
 REGISTRY: dict[tuple[str, str], tuple[Converter, bool]] = {}  # (objective, family) -> (converter, maps a head)
-FAMILIES = ("gpt2", "llama", "bert", "vit", "custom")
+FAMILIES = ("gpt2", "llama", "bert", "vit", "resnet", "custom")
 
 
 def register(objective: str, family: str, head: bool = True) -> Callable[[Converter], Converter]:
@@ -147,6 +150,8 @@ _FIXED_HEAD: dict[str, dict[str, object]] = {
 def check_family(m: ModelConfig, head: bool = True) -> list[str]:
     """Every way ``m`` differs from what its family's transformers class computes (empty: exact).
     ``head=False`` checks the backbone fields only."""
+    if m.family == "resnet":  # torchvision's layout whatever the other fields say; the stem is checked on export
+        return []
     if m.family not in _FIXED:
         return [f"model.family='{m.family}' has no transformers class"]
     fixed = {**_FIXED[m.family], **(_FIXED_HEAD[m.family] if head else {})}
@@ -569,3 +574,75 @@ def mae_vit(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
              "largest centred square, resized"]
     return Converted(transformers.ViTMAEForPreTraining, config, sd, "mae", "image-feature-extraction", notes,
                      check=check_mae, usage=MAE_USAGE)
+
+
+# ----------------------------------------------------------------------------- ResNet (vision)
+
+
+@torch.no_grad()
+def check_resnet(objective: nn.Module, cfg: RunConfig, folder) -> dict[str, float]:
+    """Reload the torchvision-named weights into a fresh ResNet (strict) and, for the ImageNet
+    stem, ``AutoModel`` (``ResNetModel``); compare pooled features with the run's backbone."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from lmssl.models.resnet import ResNet
+
+    backbone = objective.backbone.eval()
+    images = _random_images(cfg.vision)
+    name = f"torchvision_resnet{backbone.depth}.safetensors"
+    fresh = ResNet(backbone.depth, backbone.stem, backbone.in_channels).eval()
+    fresh.load_state_dict(load_file(str(Path(folder) / name)), strict=True)
+    checks = {f"pooled features ({name}, torchvision names)": float((fresh(images) - backbone(images)).abs().max())}
+    if backbone.stem == "imagenet":
+        model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+        theirs = model(pixel_values=images).pooler_output.flatten(1)
+        checks[f"pooled features ({type(model).__name__})"] = float((theirs - backbone(images)).abs().max())
+    transformers.AutoImageProcessor.from_pretrained(str(folder))  # loads
+    return checks
+
+
+RESNET_USAGE = """from safetensors.torch import load_file
+import torch, torchvision
+
+model = torchvision.models.resnet{depth}()
+{stem}model.fc = torch.nn.Identity()  # the self-supervised backbone has no classifier
+model.load_state_dict(load_file("{{name}}/torchvision_resnet{depth}.safetensors"))
+features = model(images)  # (batch, {dim}) pooled features, images normalised as preprocessor_config.json says"""
+RESNET_HF_USAGE = """
+
+# or with transformers (this folder):
+from transformers import AutoImageProcessor, AutoModel
+model = AutoModel.from_pretrained("{name}")  # ResNetModel
+features = model(**AutoImageProcessor.from_pretrained("{name}")(images=image, return_tensors="pt")).pooler_output"""
+
+
+@register("*", "resnet", head=False)
+def resnet_model(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """A ResNet backbone: its torchvision state dict (``torchvision_resnetNN.safetensors``, any
+    stem) and, for the ImageNet stem, ``ResNetModel`` (``AutoModel``), an exact twin. The
+    CIFAR stem (3x3 convolution, no max-pool) has no ``transformers`` class: the folder then
+    holds the torchvision weights and the image processor only."""
+    import transformers
+
+    from lmssl.models.resnet import to_hf_resnet, torchvision_state_dict
+
+    backbone = objective.backbone
+    tv = torchvision_state_dict(backbone)
+    stem = "" if backbone.stem == "imagenet" and backbone.in_channels == 3 else (
+        f"model.conv1 = torch.nn.Conv2d({backbone.in_channels}, 64, kernel_size=3, stride=1, padding=1, bias=False)\n"
+        "model.maxpool = torch.nn.Identity()\n" if backbone.stem == "cifar" else
+        f"model.conv1 = torch.nn.Conv2d({backbone.in_channels}, 64, kernel_size=7, stride=2, padding=3, bias=False)\n")
+    usage = RESNET_USAGE.format(depth=backbone.depth, stem=stem, dim=backbone.num_features)
+    extra = {f"torchvision_resnet{backbone.depth}.safetensors": tv}
+    notes = [f"`torchvision_resnet{backbone.depth}.safetensors` loads into `torchvision.models.resnet{backbone.depth}` "
+             "(the card shows how; no classifier `fc`)"]
+    if backbone.stem != "imagenet":
+        notes.append("the CIFAR stem (3x3 convolution, no max-pool) has no transformers class, so this folder holds "
+                     "the torchvision weights and the image processor only")
+        return Converted(None, None, {}, "image-backbone", "image-feature-extraction", notes, check=check_resnet,
+                         usage=usage, extra_files=extra)
+    config, sd = to_hf_resnet(backbone)
+    config.architectures = ["ResNetModel"]
+    return Converted(transformers.ResNetModel, config, sd, "image-backbone", "image-feature-extraction", notes,
+                     check=check_resnet, usage=usage + RESNET_HF_USAGE, extra_files=extra)
