@@ -83,6 +83,7 @@ class OptimConfig:
     lr: float = 6e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
     weight_decay: float = 0.1  # decoupled weight decay, applied to matrices only
+    weight_decay_end: float = -1.0  # >= 0: weight decay follows a cosine from weight_decay to this at the last step (DINO: 0.04 -> 0.4); -1: constant
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

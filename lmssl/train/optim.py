@@ -38,7 +38,7 @@ def group_hyperparameters(optimizer: torch.optim.Optimizer, groups: list[dict], 
     groups = [g for g in groups if len(list(g["params"]))]
     for group, fresh in zip(optimizer.param_groups, groups):
         group["initial_lr"] = fresh.get("lr", cfg.lr)
-        group["weight_decay"] = fresh.get("weight_decay", cfg.weight_decay)
+        group["weight_decay"] = group["initial_weight_decay"] = fresh.get("weight_decay", cfg.weight_decay)
         if "betas" in group:
             group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         if "momentum" in group:
@@ -57,9 +57,35 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Every group's peak lr times :func:`lr_factor` (one shape for all groups)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+def weight_decay_at(step: int, start: float, end: float, max_steps: int) -> float:
+    """Cosine from ``start`` at step 0 to ``end`` at ``max_steps`` (DINO's weight-decay schedule)."""
+    progress = min(max(step / max(max_steps, 1), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """Every group's peak lr times :func:`lr_factor` (one shape for all groups) and, with
+    ``optim.weight_decay_end >= 0``, every decayed group's weight decay on a cosine from its
+    own value to ``weight_decay_end`` (groups without decay keep none). Both are functions of
+    the step alone, so a resumed run replays them exactly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> None:
+        self.cfg, self.max_steps = cfg, max_steps
+        for g in optimizer.param_groups:
+            g.setdefault("initial_weight_decay", g["weight_decay"])
+        super().__init__(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+
+    def step(self, epoch=None) -> None:  # noqa: D102 (LambdaLR's)
+        super().step() if epoch is None else super().step(epoch)
+        if self.cfg.weight_decay_end >= 0:
+            for g in self.optimizer.param_groups:
+                if g["initial_weight_decay"] > 0:
+                    g["weight_decay"] = weight_decay_at(self.last_epoch, g["initial_weight_decay"],
+                                                        self.cfg.weight_decay_end, self.max_steps)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Schedule:
+    return Schedule(optimizer, cfg, max_steps)
 
 
 def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:

@@ -217,3 +217,21 @@ def test_bad_hyper_parameters_raise():
     sparse.grad = torch.zeros(3, 2).to_sparse()
     with pytest.raises(ValueError, match="sparse"):
         LARS([sparse], lr=0.1).step()
+
+
+def test_weight_decay_schedule_follows_a_cosine_and_spares_undecayed_groups():
+    from lmssl.config import OptimConfig
+    from lmssl.train.optim import make_optimizer, make_schedule, weight_decay_at
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    cfg = OptimConfig(name="lars", lr=0.1, weight_decay=0.04, weight_decay_end=0.4, warmup_steps=0)
+    opt = make_optimizer(decay_groups(model.parameters(), cfg.weight_decay), cfg)
+    sched = make_schedule(opt, cfg, 10)
+    seen = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        seen.append(opt.param_groups[0]["weight_decay"])
+    assert seen[-1] == pytest.approx(0.4) and seen == sorted(seen)
+    assert seen[4] == pytest.approx(weight_decay_at(5, 0.04, 0.4, 10))
+    assert opt.param_groups[1]["weight_decay"] == 0.0  # biases and norms stay undecayed
