@@ -137,6 +137,64 @@ def _lmssl_mae_full_encoder(cfg) -> tuple[nn.Module, LossFn]:
     return model, lambda b: model.loss_on(b["pixel_values"])[0]
 
 
+def _simclr_sizes() -> dict[str, Size]:
+    # tiny: the shape of recipes/simclr_tiny.yaml on 32 x 32 RGB views; base: ViT-B/16 on 224 x 224
+    tiny = Size("vit_tiny", 0, 64, 64, 512, ("vision.image_size=32", "vision.patch_size=4", "monitor.online_probe=false"))
+    base = Size("vit_base", 0, 196, 8, 128, ("vision.image_size=224", "vision.patch_size=16",
+                                             "simclr.proj_hidden=2048", "monitor.online_probe=false"))
+    return {"tiny": tiny, "small": base, "base": base}
+
+
+def _lmssl_simclr(cfg) -> tuple[nn.Module, LossFn]:
+    """SimCLR's step on two given views: backbone, projector, NT-Xent (the views' augmentation
+    is left out on both sides; ``measure_image_data_path`` times the CPU side of it)."""
+    from lmssl.objectives.simclr import SimCLR
+
+    model = SimCLR(cfg)
+    return model, lambda b: model.loss_on(b["view1"], b["view2"])[0]
+
+
+class ViTModelWithProjector(nn.Module):
+    """The reference side of ``lmssl bench simclr`` (named in the results table)."""
+
+    def __init__(self, vit: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.vit, self.projector = vit, projector
+
+
+def _reference_simclr(cfg) -> tuple[nn.Module, LossFn]:
+    """``transformers.ViTModel`` of the same shape, the same projector, and NT-Xent written
+    out plainly: normalise, all-pairs similarity, the diagonal masked, cross-entropy."""
+    import torch.nn.functional as F
+    from transformers import ViTModel
+
+    from lmssl.export.transformers_map import vit_config
+
+    c = cfg.simclr
+    config = vit_config(cfg.model, cfg.vision)
+    config._attn_implementation = "sdpa"
+    vit = ViTModel(config, add_pooling_layer=False)
+    projector = nn.Sequential(nn.Linear(cfg.model.dim, c.proj_hidden, bias=False), nn.BatchNorm1d(c.proj_hidden),
+                              nn.ReLU(inplace=True), nn.Linear(c.proj_hidden, c.proj_dim))
+    model = ViTModelWithProjector(vit, projector)
+
+    def loss(b: Batch) -> torch.Tensor:
+        z = [projector(vit(pixel_values=b[k]).last_hidden_state[:, 0]) for k in ("view1", "view2")]
+        z = F.normalize(torch.cat(z), dim=1)  # (2B, proj_dim)
+        n = z.shape[0] // 2
+        sim = (z @ z.t() / c.temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+        return F.cross_entropy(sim, targets)
+
+    return model, loss
+
+
+def _view_pair_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
+    v = cfg.vision
+    shape = (batch_size, v.channels, v.image_size, v.image_size)
+    return {"view1": torch.randn(*shape, generator=g), "view2": torch.randn(*shape, generator=g)}
+
+
 def _lmssl_masked(cfg) -> tuple[nn.Module, LossFn]:
     try:
         from lmssl.objectives.mlm import MaskedLM
@@ -253,6 +311,7 @@ FAMILIES: dict[str, Family] = {
     "bert": Family(_bert_sizes(), _lmssl_masked, _reference_bert, _masked_batch),
     "mae": Family(_mae_sizes(), _lmssl_mae, _reference_mae, _image_batch, unit="images",
                   baseline=("full-sequence encoder", _lmssl_mae_full_encoder)),
+    "simclr": Family(_simclr_sizes(), _lmssl_simclr, _reference_simclr, _view_pair_batch, unit="images"),
 }
 
 
@@ -636,8 +695,9 @@ def run(args: argparse.Namespace) -> int:
     command = _command_line(args, batch_size, None if images else seq, device.type)
     if images:
         v = cfg.vision
+        what = f"{cfg.mae.mask_ratio:.0%} hidden" if args.model == "mae" else "two views per image"
         workload = (f"{size.preset}, {v.image_size}x{v.image_size} images in {v.patch_size}x{v.patch_size} patches "
-                    f"({seq} each, {cfg.mae.mask_ratio:.0%} hidden), batch {batch_size}")
+                    f"({seq} each, {what}), batch {batch_size}")
     else:
         workload = f"{size.preset}, vocab {size.vocab}, batch {batch_size} x {seq} tokens"
     print(f"{command}\n  {workload}, {args.precision}, {_device_name(device)}"
@@ -682,7 +742,7 @@ def run(args: argparse.Namespace) -> int:
 
     def unit_flops(side: Side) -> float:  # lmssl's count; the reference is given lmssl's
         model = side.model if side.name != "transformers" else lm.model
-        return model.flops_per_image() if images else objective_flops_per_token(model, cfg, seq)
+        return model.flops_per_sample() if images else objective_flops_per_token(model, cfg, seq)
 
     peak, peak_source = device_peak_flops(device)
     step_s = statistics.median(lm.round_s) / args.steps_per_round
@@ -697,7 +757,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__, "transformers": _version("transformers"), "lmssl": _version("lmssl"),
         "config": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
-        **({"vision": cfg.to_dict()["vision"], "mae": cfg.to_dict()["mae"]} if images else {}),
+        **({"vision": cfg.to_dict()["vision"], args.model: cfg.to_dict()[args.model]} if images else {}),
         f"flops_per_{family.unit[:-1]}": unit_flops(lm), "peak_flops": peak, "peak_source": peak_source,
         "memory_source": MEMORY_SOURCES.get(device.type, "n/a"), "allocator": _allocator_line(args) if device.type == "cpu" else None,
         **_ratios(lm, ref),
@@ -810,7 +870,7 @@ def format_table(r: dict[str, Any]) -> str:
                      f"{per}: the encoder runs on every patch)")
     d = r["data"]
     if "image_side" in d:
-        lines.append(f"  data path: decode + crop/flip + resize {d['image_side']}px PNGs + normalise + mask, "
+        lines.append(f"  data path: decode + resize {d['image_side']}px PNGs, draw the views' parameters, prepare_batch, "
                      f"{d['images_per_s']:,.0f} images/s on one core = {d['collate_s_per_batch'] * 1e3:.1f} ms/batch "
                      f"= {d['collate_fraction']:.2%} of a step")
     else:

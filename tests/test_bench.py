@@ -55,6 +55,19 @@ def test_bench_mae_smoke(tmp_path, capsys):
     assert "lmssl / full-sequence encoder throughput" in text and "images/s" in text
 
 
+def test_bench_simclr_smoke(tmp_path):
+    """lmssl's SimCLR step against ViTModel + the same projector + NT-Xent written out plainly."""
+    out = tmp_path / "simclr.json"
+    code = main(["bench", "simclr", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
+                 "--warmup", "1", "--batch-size", "4", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["unit"] == "images" and r["reference"]["name"] == "ViTModelWithProjector"
+    # the same trainable weights: ViTModel's position table and lmssl's class token differ by the table
+    assert r["reference"]["params"] - 65 * r["config"]["dim"] == r["lmssl"]["params"]
+    assert r["lmssl"]["images_per_s"] > 0 and r["reference"]["images_per_s"] > 0 and r["flops_per_image"] > 0
+
+
 def test_bench_bad_args(capsys):
     assert main(["bench", "mae", "--seq-len", "64"]) == 2
     assert "--seq-len is for text models" in capsys.readouterr().err

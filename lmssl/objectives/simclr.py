@@ -81,12 +81,17 @@ class SimCLR(ImageObjective):
         return ViewTransform(simclr_views(v.image_size), v.mean, v.std, cfg.train.seed)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        v1, v2 = self.view_images(batch)  # (B, C, S, S) each
+        loss, accuracy, h1 = self.loss_on(*self.view_images(batch))
+        probe_loss, probe_metrics = self.probe_step(h1, batch)
+        return loss + probe_loss, {"loss": loss.detach(), "accuracy": accuracy, **probe_metrics}
+
+    def loss_on(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Two normalised views ``(B, C, S, S)`` -> ``(NT-Xent, fraction of partners ranked first,
+        backbone features of the first view (B, D))``."""
         h1, h2 = self.embed(v1), self.embed(v2)  # (B, D)
         z1, z2 = self.projector(h1), self.projector(h2)  # (B, proj_dim)
         loss, accuracy = nt_xent_with_accuracy(z1, z2, self.sim.temperature, gather=True)
-        probe_loss, probe_metrics = self.probe_step(h1, batch)
-        return loss + probe_loss, {"loss": loss.detach(), "accuracy": accuracy, **probe_metrics}
+        return loss, accuracy, h1
 
     def flops_per_sample(self) -> float:
         """Two views through backbone and projector (forward and backward), and the similarity matrix."""
