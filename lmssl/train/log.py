@@ -41,8 +41,13 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# held-out accuracies drawn beside the loss when a run logs them (the image monitors)
+ACCURACY_CURVES = {"eval_knn_accuracy": "k-NN (held-out)", "eval_probe_accuracy": "online linear probe (held-out)"}
+
+
 def plot_loss_curve(log_path: Path, out_png: Path, title: str, ylabel: str = "loss (nats/token)") -> Path | None:
-    """Training loss (and held-out loss where evaluated) against step, as a PNG."""
+    """Training loss (and held-out loss where evaluated) against step, as a PNG; beside it,
+    the monitors' held-out accuracies when the run logs them (image objectives)."""
     rows = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r.get("kind", "train") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
@@ -53,7 +58,19 @@ def plot_loss_curve(log_path: Path, out_png: Path, title: str, ylabel: str = "lo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    curves = {name: [(r["step"], r[key]) for r in rows if key in r] for key, name in ACCURACY_CURVES.items()}
+    curves = {name: points for name, points in curves.items() if points}
+    if curves:
+        fig, (ax, acc) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+        for name, points in curves.items():
+            acc.plot(*zip(*points), "o-", label=name, lw=1.5)
+        acc.set_xlabel("step")
+        acc.set_ylabel("accuracy")
+        acc.set_title("monitors (labels read by the monitors only)")
+        acc.grid(alpha=0.3)
+        acc.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     ax.plot(*zip(*train), label="train loss", lw=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out loss", lw=1.5)
