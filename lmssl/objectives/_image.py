@@ -24,6 +24,7 @@ Labels are read only here, by the monitors; no method's loss sees them.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -55,6 +56,7 @@ class ImageObjective(Objective):
         self.micro_batch, self.grad_accum = cfg.train.micro_batch_size, cfg.train.grad_accum
         self.views = type(self).make_views(cfg)
         n = cfg.vision.num_classes
+        self.embed_dim = feature_dim
         self.online_probe = nn.Linear(feature_dim, n) if cfg.monitor.online_probe and n > 1 else None
 
     @classmethod
@@ -118,6 +120,18 @@ class ImageObjective(Objective):
 
     # ------------------------------------------------------------------ monitors
 
+    def _collapsing(self, m: dict[str, float]) -> bool:
+        """Whether to warn: the rank test of :func:`~lmssl.evaluate.collapse.collapse_warning`
+        (embeddings on a line or a point) at any evaluation, its spread test only once the
+        spread has fallen to half its best value in this run. A randomly initialised network
+        maps every image to nearly one direction (its features share a large mean), which
+        reads as a low spread before any training: that is where a run starts, not a collapse."""
+        best = max(getattr(self, "_best_std_ratio", 0.0), m["std_ratio"])
+        self._best_std_ratio = best
+        rank_floor = max(2.0, 0.01 * min(self.monitor.query_images - 1, self.embed_dim))
+        falling = m["std_ratio"] < 0.2 and m["std_ratio"] < 0.5 * best
+        return not all(math.isfinite(v) for v in m.values()) or m["effective_rank"] < rank_floor or falling
+
     @torch.no_grad()
     def embed_all(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Features of uint8 ``images (N, C, L, L)`` in eval mode: ``(N, D)`` float32 on the CPU."""
@@ -135,9 +149,8 @@ class ImageObjective(Objective):
         out: dict[str, float] = {}
         collapse = collapse_metrics(feats)
         out.update({k: float(collapse[k]) for k in ("normalized_std", "std_ratio", "effective_rank")})
-        warning = collapse_warning(collapse, feats.shape[1]) if self.warn_on_collapse else None
-        if warning:
-            log(f"warning: {warning}")
+        if self.warn_on_collapse and self._collapsing(out):
+            log(f"warning: {collapse_warning(collapse, feats.shape[1])}")
         if data.bank is not None:
             bank = self.embed_all(data.bank[0])
             out["knn_accuracy"] = knn_accuracy(bank, data.bank[1], feats, labels, k=self.monitor.knn_k)

@@ -75,6 +75,10 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
             g.setdefault("initial_weight_decay", g["weight_decay"])
         super().__init__(optimizer, lambda s: lr_factor(s, cfg, max_steps))
 
+    def state_dict(self) -> dict:
+        """LambdaLR's state (step count, base learning rates): JSON-ready, without the config."""
+        return {k: v for k, v in super().state_dict().items() if k not in ("cfg", "max_steps")}
+
     def step(self, epoch=None) -> None:  # noqa: D102 (LambdaLR's)
         super().step() if epoch is None else super().step(epoch)
         if self.cfg.weight_decay_end >= 0:
