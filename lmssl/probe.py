@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -208,7 +209,8 @@ def probe_run(run_dir: str, seeds: list[int] | tuple[int, ...] = (0, 1, 2), trai
         if train_file or validation_file:
             raise UserError("--train-file/--validation-file are for text runs; an image run is probed on the labels of "
                             "its own data (vision.label_column)")
-        return _probe_images(run_dir, objective, cfg, seeds, device, max_images, few_labels, description, log)
+        return _with_step(run_dir, _probe_images(run_dir, objective, cfg, seeds, device, max_images, few_labels,
+                                                 description, log))
     task = load_probe_task(train_file, validation_file, log=log)
     max_len = min(cfg.data.block_size, cfg.model.max_positions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -224,7 +226,17 @@ def probe_run(run_dir: str, seeds: list[int] | tuple[int, ...] = (0, 1, 2), trai
     feats = {"run features": features_of(objective)}
     del objective
     feats["random init"] = features_of(random_init(cfg, tokenizer, cfg.train.seed))
-    return _compare(run_dir, cfg.objective, description, task["source"], task["classes"], feats, y, seeds, "texts")
+    return _with_step(run_dir, _compare(run_dir, cfg.objective, description, task["source"], task["classes"], feats,
+                                        y, seeds, "texts"))
+
+
+def _with_step(run_dir, result: dict[str, Any]) -> dict[str, Any]:
+    """The result with the step of the checkpoint that was probed."""
+    from lmssl.runs.checkpoint import find_resumable
+
+    c = find_resumable(Path(run_dir), log=lambda msg: None)
+    result["step"] = c.step if c is not None else None
+    return result
 
 
 def _few_label_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -336,4 +348,16 @@ def run(args: argparse.Namespace) -> int:
     result = probe_run(args.run_dir, args.seeds, args.train_file, args.validation_file, args.device,
                        max_images=args.max_images, few_labels=args.few_labels)
     print(result["table"])
+    save_result(result)
     return 0
+
+
+def save_result(result: dict[str, Any]) -> Path:
+    """``RUN_DIR/probe.json``: the result, read by ``lmssl export`` for the model card."""
+    import json
+
+    from lmssl.runs.checkpoint import atomic_write_text
+
+    path = Path(result["run_dir"]) / "probe.json"
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return path

@@ -52,6 +52,11 @@ def test_probe_command_with_user_files(clm_run, tmp_path, capsys):
                      "--validation-file", str(tmp_path / "val.jsonl")])
     out = capsys.readouterr().out
     assert code == 0 and "2 classes, 60 train / 20 validation" in out
+    saved = json.loads((clm_run / "probe.json").read_text())  # read by lmssl export for the model card
+    assert saved["step"] == 30 and saved["table"] in out
+    assert cli_main(["export", str(clm_run), str(tmp_path / "exported")]) == 0
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "Linear probe and k-NN" in card and saved["table"] in card
     rows = [line.split() for line in out.splitlines()]
     assert ["3"] == [r[0] for r in rows if r and r[0] == "3"]  # one seed row
     knn = next(r for r in rows if r and r[0] == "k-NN")  # the k-NN row: run and random-init accuracy

@@ -35,6 +35,7 @@ class CardFacts:
     checks: dict[str, float]  # name -> max |difference| found by the verification
     loss_curve: str | None  # file name inside the folder
     notes: list[str] = field(default_factory=list)
+    probe_table: str = ""  # the run's `lmssl probe` table (probe.json), when it was probed
     load_snippet: str = ""  # replaces the transformers snippet (lmssl-format exports)
     usage: str = ""  # the converter's "How to use" code ({name}: the folder or Hub name); "": the text default
 
@@ -130,6 +131,10 @@ def render(facts: CardFacts, name: str) -> str:
         out.append("")
     if facts.loss_curve:
         out += [f"![loss curve]({facts.loss_curve})", ""]
+    if facts.probe_table:
+        out += ["## Linear probe and k-NN (`lmssl probe`)", "",
+                "Frozen features of this model beside the same network at initialisation"
+                " (and, for images, raw pixels):", "", "```", facts.probe_table, "```", ""]
     out += ["## Recipe", "", "The complete run configuration (reproduce with `lmssl pretrain recipe.yaml`):", "",
             "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
     if facts.checks:

@@ -331,6 +331,14 @@ def _card_facts(run_dir: Path | None, cfg: RunConfig, result: ExportResult, n_pa
             pass
     shown = {k: float(metrics[k]) for k in METRIC_KEYS if isinstance(metrics.get(k), (int, float))}
     load_snippet = native.how_to_load(result.out_dir.name) if result.kind == "native" else ""
+    probe_table = ""
+    if run_dir is not None and (run_dir / "probe.json").is_file():
+        try:
+            probe = json.loads((run_dir / "probe.json").read_text())
+            if probe.get("step", state.get("step")) == state.get("step"):
+                probe_table = probe.get("table", "")
+        except ValueError:
+            pass
     if result.kind == "native":
         notes = ["no exact transformers equivalent exists for this architecture, so this folder holds the lmssl "
                  "backbone weights; it does not load with `transformers`"] + notes
@@ -338,4 +346,4 @@ def _card_facts(run_dir: Path | None, cfg: RunConfig, result: ExportResult, n_pa
                      tokens_seen=int(state.get("tokens_seen", 0)), metrics=shown, n_params=n_params, license=license,
                      architecture=result.architecture, kind=result.kind, pipeline_tag=pipeline_tag,
                      checks=result.checks, loss_curve=loss_curve, notes=notes, load_snippet=load_snippet,
-                     usage=usage)
+                     usage=usage, probe_table=probe_table)
