@@ -83,3 +83,91 @@ def plot_view_pairs(images_uint8, views, mean: list[float], std: list[float], ou
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, Path(out_png))
+
+
+def _denormalised(images, mean: list[float], std: list[float]):
+    """``(B, C, H, W)`` normalised -> a function of ``i`` giving image ``i`` as ``(H, W, 3)`` in [0, 1]."""
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def show(i: int):
+        x = (images[i].detach().float().cpu() * s + m).clamp(0, 1)
+        return x.expand(3, -1, -1).permute(1, 2, 0).numpy()
+
+    return show
+
+
+def plot_attention_maps(images, maps, mean: list[float], std: list[float], out_png: Path, title: str) -> Path:
+    """One column per image: row 0 the image ``(B, C, H, W)`` (normalised by ``mean``/``std``),
+    then one row per attention head (``maps (B, heads, gh, gw)``, each map scaled to its own
+    maximum and drawn over the image), and the mean over heads last. Saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    show = _denormalised(images, mean, std)
+    maps = maps.detach().float().cpu()
+    B, heads = maps.shape[:2]
+    H, W = images.shape[-2:]
+    up = torch.nn.functional.interpolate(maps, size=(H, W), mode="nearest")  # (B, heads, H, W)
+    rows = [f"head {h + 1}" for h in range(heads)] + (["mean"] if heads > 1 else [])
+    fig, axes = plt.subplots(1 + len(rows), B, figsize=(1.3 * B, 1.3 * (1 + len(rows)) + 0.4), dpi=110,
+                             squeeze=False)
+    for i in range(B):
+        pic = show(i)
+        layers = list(up[i]) + ([up[i].mean(dim=0)] if heads > 1 else [])
+        for r in range(1 + len(rows)):
+            ax = axes[r][i]
+            ax.imshow(pic, vmin=0, vmax=1, interpolation="nearest")
+            if r > 0:
+                a = layers[r - 1]
+                ax.imshow((a / a.max().clamp_min(1e-12)).numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1,
+                          interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel("image" if r == 0 else rows[r - 1], fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, Path(out_png))
+
+
+def plot_jepa_blocks(images, context, targets, mean: list[float], std: list[float], out_png: Path, title: str,
+                     predicted=None) -> Path:
+    """I-JEPA's masks over the images: one column per image ``(B, C, H, W)`` (normalised by
+    ``mean``/``std``); row 0 the image, row 1 the context the encoder sees (``context (B, H, W)``
+    bool pixels; the rest greyed out), row 2 the target blocks (``targets (B, M, H, W)`` bool, one
+    colour per block, overlaps showing the later block). ``predicted (B,)`` floats, optional: a
+    number printed under each column (e.g. the prediction error). Saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    show = _denormalised(images, mean, std)
+    B, M = targets.shape[:2]
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(3, B, figsize=(1.3 * B, 4.3), dpi=110, squeeze=False)
+    for i in range(B):
+        pic = show(i)
+        seen = pic.copy()
+        seen[~context[i].cpu().numpy()] = 0.5 * seen[~context[i].cpu().numpy()] + 0.25
+        blocks = pic.copy()
+        for m in range(M):
+            where = targets[i, m].cpu().numpy()
+            blocks[where] = 0.45 * blocks[where] + 0.55 * np.array(colours(m % 10)[:3])
+        for r, (label, p) in enumerate((("image", pic), ("context", seen), (f"{M} targets", blocks))):
+            ax = axes[r][i]
+            ax.imshow(p, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label, fontsize=8)
+        if predicted is not None:
+            axes[2][i].set_xlabel(f"{float(predicted[i]):.3f}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, Path(out_png))

@@ -75,3 +75,47 @@ class MLPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021): ``(B, in_dim) -> (B, out_dim)`` logits over
+    ``out_dim`` prototypes.
+
+    An MLP of ``layers`` linear maps (``in_dim -> hidden_dim -> ... -> bottleneck_dim``, GELU
+    between them, no batch norm: the ViT setting of the paper), the output L2-normalised, then
+    a weight-normalised linear layer without bias onto the prototypes. Its weight norm is fixed
+    at 1 (the paper's code freezes ``weight_g`` at 1), so the layer is written here directly:
+    each prototype is the unit vector ``prototypes[k] / |prototypes[k]|`` and a logit is a cosine
+    similarity. Only the directions of the rows of ``prototypes`` matter; their length (which
+    weight decay would shrink) changes nothing in the output.
+
+    ``forward(x, prototype_grad)``: with a 0-dim float ``prototype_grad`` (on the device), the
+    gradient that reaches ``prototypes`` is multiplied by it; DINO freezes the last layer for the
+    first epoch by passing 0 there. The parameter stays in the graph, so DDP sees it used.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, out_dim: int = 65536,
+                 layers: int = 3) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"DINOHead needs at least one layer, got {layers}")
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        parts: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            parts.append(nn.Linear(a, b))
+            if i < layers - 1:
+                parts.append(nn.GELU())
+        self.mlp = nn.Sequential(*parts)
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))  # (K, bottleneck), rows normalised in use
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: torch.Tensor, prototype_grad: torch.Tensor | None = None) -> torch.Tensor:
+        z = nn.functional.normalize(self.mlp(x), dim=-1)  # (B, bottleneck), unit rows
+        w = self.prototypes
+        if prototype_grad is not None:  # same values; the gradient to w is scaled by prototype_grad
+            w = w.detach() + (w - w.detach()) * prototype_grad.to(w.dtype)
+        return nn.functional.linear(z, nn.functional.normalize(w, dim=-1))  # (B, K) cosine similarities
