@@ -9,8 +9,8 @@ adds only its heads, its views and its loss:
   :meth:`plain_images` gives the unaugmented images (resized to ``vision.image_size``,
   normalised) that :meth:`features` and the monitors read.
 - the online linear probe (``monitor.online_probe``, on when the data has labels): a
-  linear classifier on the *detached* features that the method computes anyway during
-  its step (:meth:`probe_step`), trained in its own optimizer group (``monitor.probe_lr``,
+  linear classifier (behind a batch norm without parameters) on the *detached* features
+  that the method computes anyway during its step (:meth:`probe_step`), trained in its own optimizer group (``monitor.probe_lr``,
   no weight decay, no LARS adaptation). Stop-gradient: it reads the representation and
   never shapes it. Its held-out accuracy is reported at every evaluation.
 - the monitors, at every evaluation (:meth:`eval_metrics`): weighted k-NN accuracy of the
@@ -57,7 +57,10 @@ class ImageObjective(Objective):
         self.views = type(self).make_views(cfg)
         n = cfg.vision.num_classes
         self.embed_dim = feature_dim
-        self.online_probe = nn.Linear(feature_dim, n) if cfg.monitor.online_probe and n > 1 else None
+        # batch norm without affine parameters in front of the linear layer (MAE's linear probe):
+        # the probe sees standardised features whatever their scale, which moves during pretraining
+        self.online_probe = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, n)) \
+            if cfg.monitor.online_probe and n > 1 else None
 
     @classmethod
     def make_views(cls, cfg):
@@ -155,8 +158,9 @@ class ImageObjective(Objective):
             bank = self.embed_all(data.bank[0])
             out["knn_accuracy"] = knn_accuracy(bank, data.bank[1], feats, labels, k=self.monitor.knn_k)
         if self.online_probe is not None:
-            device = self.online_probe.weight.device
-            pred = self.online_probe(feats.to(device)).argmax(dim=1).cpu()
+            device = self.online_probe[1].weight.device
+            with eval_mode(self.online_probe):
+                pred = self.online_probe(feats.to(device)).argmax(dim=1).cpu()
             out["probe_accuracy"] = float((pred == labels).float().mean())
         return out
 
