@@ -8,6 +8,7 @@ touches torch's global RNG. Pieces:
 - `mlm`: `mlm_corrupt`, BERT's 80/10/10 corruption and the -100 labels.
 - `keep`: which patches an encoder sees — `random_keep` (MAE) and 2-D block masks
   (BEiT / I-JEPA).
+- `blocks`: `jepa_masks`, I-JEPA's target and context blocks as equal-length index rows.
 - `gather`: gather / scatter / restore / select helpers shared by all objectives.
 
 A BERT batch, for example::
@@ -18,6 +19,7 @@ A BERT batch, for example::
                                     vocab_size=len(tokenizer), special_ids=tokenizer.all_special_ids)
 """
 
+from lmssl.masking.blocks import JepaMasks, jepa_masks
 from lmssl.masking.gather import (
     gather_tokens,
     mask_to_indices,
@@ -41,12 +43,14 @@ from lmssl.masking.tokens import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "JepaMasks",
     "bernoulli_token_mask",
     "block_mask_2d",
     "blocks_to_mask",
     "eligible_positions",
     "expected_span_length",
     "gather_tokens",
+    "jepa_masks",
     "mask_to_indices",
     "masked_positions",
     "mlm_corrupt",

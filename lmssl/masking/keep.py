@@ -93,6 +93,7 @@ def sample_blocks_2d(
     scale: tuple[float, float] = (0.15, 0.2),
     aspect_ratio: tuple[float, float] = (0.75, 1.5),
     device: torch.device | str | None = None,
+    same_size: bool = False,
 ) -> torch.Tensor:
     """Draw `num_blocks` rectangles per sample on a `grid_h x grid_w` patch grid.
 
@@ -101,6 +102,11 @@ def sample_blocks_2d(
     rounded and clipped to the grid (so a block can come out slightly smaller or larger
     than its drawn area), and the top-left corner is uniform over the places it fits.
     Defaults are I-JEPA's target blocks.
+
+    With `same_size`, every block of every sample takes the height and width drawn for
+    the first block of the first sample (I-JEPA's collator draws one block size per
+    batch), so all blocks cover the same number of patches; positions stay per block.
+    The draws are the same either way (only which of them is used changes).
 
     Returns:
         `(B, num_blocks, 4)` long: top, left, height, width of each block.
@@ -117,8 +123,9 @@ def sample_blocks_2d(
     a_lo, a_hi = check_range("aspect_ratio", aspect_ratio, low=0.0, high=None)
 
     u = uniform((batch_size, num_blocks, 4), generator, device).double()  # (B, N, 4)
-    area = (s_lo + (s_hi - s_lo) * u[..., 0]) * (grid_h * grid_w)  # (B, N) patches
-    log_ar = math.log(a_lo) + (math.log(a_hi) - math.log(a_lo)) * u[..., 1]
+    size_u = u[:1, :1, :2].expand(batch_size, num_blocks, 2) if same_size else u[..., :2]  # (B, N, 2)
+    area = (s_lo + (s_hi - s_lo) * size_u[..., 0]) * (grid_h * grid_w)  # (B, N) patches
+    log_ar = math.log(a_lo) + (math.log(a_hi) - math.log(a_lo)) * size_u[..., 1]
     ratio = torch.exp(log_ar)  # height / width
     height = torch.round(torch.sqrt(area * ratio)).clamp(1, grid_h).long()  # (B, N)
     width = torch.round(torch.sqrt(area / ratio)).clamp(1, grid_w).long()  # (B, N)
