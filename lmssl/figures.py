@@ -155,7 +155,8 @@ def plot_jepa_blocks(images, context, targets, mean: list[float], std: list[floa
     for i in range(B):
         pic = show(i)
         seen = pic.copy()
-        seen[~context[i].cpu().numpy()] = 0.5 * seen[~context[i].cpu().numpy()] + 0.25
+        hidden = ~context[i].cpu().numpy()
+        seen[hidden] = 0.2 * seen[hidden] + 0.4  # what the encoder does not see: faded to grey
         blocks = pic.copy()
         for m in range(M):
             where = targets[i, m].cpu().numpy()

@@ -10,6 +10,7 @@ dict whose names and shapes that class expects. Converters are registered per
     mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
     cpc + bert   -> BertModel         (the segment encoder; the context network has no twin)
     mae + vit    -> ViTMAEForPreTraining (AutoModelForPreTraining; AutoModel gives ViTMAEModel)
+    ijepa + vit  -> IJepaModel        (the target encoder: no class token, the sin-cos table as its positions)
     *   + vit    -> ViTModel          (the backbone of every image objective without a converter of its own)
 
 Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
@@ -646,3 +647,84 @@ def resnet_model(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
     config.architectures = ["ResNetModel"]
     return Converted(transformers.ResNetModel, config, sd, "image-backbone", "image-feature-extraction", notes,
                      check=check_resnet, usage=usage + RESNET_HF_USAGE, extra_files=extra)
+
+
+# ----------------------------------------------------------------------------- I-JEPA (vision)
+
+
+def ijepa_config(m: ModelConfig, vision):
+    """``IJepaConfig`` of the same shape as a :class:`~lmssl.models.VisionBackbone` without a class token."""
+    from transformers import IJepaConfig
+
+    from lmssl.models.transformer import mlp_hidden
+
+    return IJepaConfig(hidden_size=m.dim, num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                       intermediate_size=mlp_hidden(m), hidden_act=_ACT[m.activation], hidden_dropout_prob=m.dropout,
+                       attention_probs_dropout_prob=m.dropout, initializer_range=m.init_std,
+                       layer_norm_eps=m.norm_eps, image_size=vision.image_size, patch_size=vision.patch_size,
+                       num_channels=vision.channels, qkv_bias=m.bias, architectures=["IJepaModel"])
+
+
+def ijepa_backbone_state(backbone: nn.Module, dst: str = "") -> dict[str, torch.Tensor]:
+    """A :class:`~lmssl.models.VisionBackbone` built without a class token -> ``IJepaModel`` names.
+
+    ``IJepaModel`` has no class token and a learned ``(1, N, dim)`` position table, which gets
+    the fixed sin-cos positions; the patch embedding's ``(dim, p * p * C)`` weight becomes the
+    ``(dim, C, p, p)`` convolution; the blocks and the final LayerNorm map one to one."""
+    from lmssl.nn import sincos_positions_2d
+
+    if getattr(backbone, "cls", None) is not None:
+        raise NoExactTwin("IJepaModel has no class token; this ViT has one (export it as ViTModel)")
+    m, vision = backbone.cfg, backbone.vision
+    s = _state(backbone)
+    p, C = vision.patch_size, vision.channels
+    out = {f"{dst}embeddings.position_embeddings": sincos_positions_2d(*backbone.grid, m.dim)[None],  # (1, N, dim)
+           f"{dst}embeddings.patch_embeddings.projection.weight":
+               s["patches.weight"].view(m.dim, p, p, C).permute(0, 3, 1, 2).contiguous(),
+           f"{dst}embeddings.patch_embeddings.projection.bias": s["patches.bias"],
+           f"{dst}layernorm.weight": s["core.norm.weight"], f"{dst}layernorm.bias": s["core.norm.bias"]}
+    return out | _blocks(s, m, "core.blocks.", f"{dst}layers.", _VIT_LAYER)
+
+
+@torch.no_grad()
+def check_ijepa(objective: nn.Module, cfg: RunConfig, folder) -> dict[str, float]:
+    """Reload ``folder`` with ``AutoModel`` (``IJepaModel``) and compare its hidden states, and
+    their patch mean (the run's features), with the target encoder's on two random images."""
+    import transformers
+
+    images = _random_images(cfg.vision)
+    model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    theirs = model(pixel_values=images).last_hidden_state  # (B, N, dim)
+    ours = objective.backbone(images)  # (B, N, dim)
+    transformers.AutoImageProcessor.from_pretrained(str(folder))  # loads
+    return {f"hidden states ({type(model).__name__})": float((ours - theirs).abs().max()),
+            "features: patch mean": float((ours.mean(dim=1) - theirs.mean(dim=1)).abs().max())}
+
+
+IJEPA_USAGE = """from transformers import AutoImageProcessor, AutoModel
+
+processor = AutoImageProcessor.from_pretrained("{name}")
+model = AutoModel.from_pretrained("{name}")  # IJepaModel
+inputs = processor(images=image, return_tensors="pt")  # image: a PIL image
+hidden = model(**inputs).last_hidden_state  # (1, patches, dim): no class token
+features = hidden.mean(dim=1)  # what lmssl's monitors and probe read"""
+
+
+@register("ijepa", "vit", head=False)
+def ijepa_model(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """I-JEPA: the target encoder (the EMA network the paper evaluates) as ``IJepaModel``
+    (``AutoModel``); fine-tunes through ``IJepaForImageClassification``, which averages the
+    patch states as lmssl's features do. The context encoder and the predictor stay in the run."""
+    import transformers
+
+    notes = ["this is the I-JEPA target encoder (the exponential moving average of the context encoder), the network "
+             "the paper evaluates; the context encoder and the predictor stay in the run's checkpoint",
+             "there is no class token: lmssl's features are the mean of `last_hidden_state` over the patches, which "
+             "`IJepaForImageClassification` also classifies",
+             "the position table holds the fixed 2-D sin-cos positions lmssl trained with; at another image size "
+             "`interpolate_pos_encoding=True` resizes it bicubically, where lmssl would compute sin-cos positions at "
+             "fractional coordinates (close, not identical)",
+             "the image processor resizes to the training size without cropping"]
+    return Converted(transformers.IJepaModel, ijepa_config(cfg.model, cfg.vision),
+                     ijepa_backbone_state(objective.backbone), "image-backbone", "image-feature-extraction", notes,
+                     check=check_ijepa, usage=IJEPA_USAGE)

@@ -21,7 +21,9 @@ class VisionBackbone(nn.Module):
 
     Row 0 is the class token. Patches are embedded by :class:`PatchEmbedding` and get fixed
     2-D sin-cos positions (``model.positions`` must be ``sincos``); the class token has
-    none. The core is bidirectional.
+    none. The core is bidirectional. ``cls_token=False`` builds the ViT without a class
+    token (I-JEPA's): the rows are the patches alone, ``(B, N or K, dim)``, and only
+    ``pooled(images, "mean")`` applies.
 
     Images of another size than ``vision.image_size`` (a multiple of the patch size: DINO's
     local crops, fine-tuning at a higher resolution) get the sin-cos positions of the
@@ -29,7 +31,7 @@ class VisionBackbone(nn.Module):
     (:func:`~lmssl.nn.sincos_positions_2d` with ``extent``), computed once per size.
     """
 
-    def __init__(self, cfg: ModelConfig, vision: VisionConfig) -> None:
+    def __init__(self, cfg: ModelConfig, vision: VisionConfig, cls_token: bool = True) -> None:
         super().__init__()
         if cfg.positions != "sincos":
             raise ValueError(f"the vision backbone uses fixed 2-D sin-cos positions; set model.positions=sincos "
@@ -42,11 +44,12 @@ class VisionBackbone(nn.Module):
         self.patches = PatchEmbedding(vision.patch_size, vision.channels, cfg.dim, bias=cfg.bias)
         self.register_buffer("positions", sincos_positions_2d(*self.grid, cfg.dim), persistent=False)  # (N, dim)
         self._other_grids: dict[tuple[int, int], torch.Tensor] = {}  # (gh, gw) -> (gh * gw, dim), CPU float32
-        self.cls = nn.Parameter(torch.zeros(cfg.dim))
+        self.cls = nn.Parameter(torch.zeros(cfg.dim)) if cls_token else None
         self.drop = nn.Dropout(cfg.dropout)
         self.core = Transformer(cfg)
         init_weights(self, cfg)
-        nn.init.normal_(self.cls, 0.0, cfg.init_std)
+        if self.cls is not None:
+            nn.init.normal_(self.cls, 0.0, cfg.init_std)
 
     @property
     def dim(self) -> int:
@@ -85,27 +88,36 @@ class VisionBackbone(nn.Module):
             patches, positions = gather_tokens(patches, keep_idx), gather_tokens(positions, keep_idx)
         return self.patches(patches) + positions
 
+    @property
+    def prefix(self) -> int:
+        """Rows before the patches in the output: 1 (the class token) or 0."""
+        return 0 if self.cls is None else 1
+
     def with_cls(self, x: torch.Tensor) -> torch.Tensor:
-        """Prepend the class token: ``(B, L, dim) -> (B, 1 + L, dim)``."""
+        """Prepend the class token: ``(B, L, dim) -> (B, 1 + L, dim)`` (unchanged without one)."""
+        if self.cls is None:
+            return x
         return torch.cat([self.cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
 
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.encode(self.embed(images, keep_idx))
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The core over ``[cls, tokens]``: ``(B, L, dim) -> (B, 1 + L, dim)``."""
+        """The core over ``[cls, tokens]``: ``(B, L, dim) -> (B, prefix + L, dim)``."""
         return self.core(self.drop(self.with_cls(tokens)), is_causal=False)
 
     def pooled(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """``images (B, C, H, W) -> (B, dim)``: the class token's final state (``cls``) or the
         mean of the patch states (``mean``)."""
-        h = self(images)  # (B, 1 + N, dim)
-        return h[:, 0] if pool == "cls" else h[:, 1:].mean(dim=1)
+        if pool == "cls" and self.cls is None:
+            raise ValueError("this ViT has no class token (cls_token=False): pool the patches with pool='mean'")
+        h = self(images)  # (B, prefix + N, dim)
+        return h[:, 0] if pool == "cls" else h[:, self.prefix:].mean(dim=1)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (the class token counted as embedding)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.cls.numel() if non_embedding else n
+        return n - self.cls.numel() if non_embedding and self.cls is not None else n
 
 
 def image_backbone(cfg: ModelConfig, vision: VisionConfig) -> nn.Module:
