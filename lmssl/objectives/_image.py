@@ -50,8 +50,17 @@ class ImageObjective(Objective):
     # so it reports the collapse metrics without the warning
     warn_on_collapse: ClassVar[bool] = True
 
-    def __init__(self, cfg, feature_dim: int) -> None:
+    view_preset: ClassVar[str] = ""  # a preset of lmssl.data.views (e.g. "simclr_views") that make_views uses
+
+    def __init__(self, cfg, feature_dim: int | None = None, backbone: nn.Module | None = None) -> None:
+        """``backbone``: the module :meth:`embed` pools (``self.backbone``; its ``dim`` is
+        the feature width); or give ``feature_dim`` and set up the encoder yourself."""
         super().__init__()
+        if backbone is not None:
+            self.backbone = backbone
+            feature_dim = backbone.dim
+        if feature_dim is None:
+            raise ValueError(f"{type(self).__name__}: give ImageObjective a backbone or a feature_dim")
         self.vision, self.monitor = cfg.vision, cfg.monitor
         self.micro_batch, self.grad_accum = cfg.train.micro_batch_size, cfg.train.grad_accum
         self.views = type(self).make_views(cfg)
@@ -63,9 +72,19 @@ class ImageObjective(Objective):
             if cfg.monitor.online_probe and n > 1 else None
 
     @classmethod
+    def build(cls, cfg, tokenizer=None):
+        return cls(cfg)
+
+    @classmethod
     def make_views(cls, cfg):
-        """The :class:`~lmssl.data.views.ViewTransform` this method trains on."""
-        raise NotImplementedError(f"{cls.__name__} must define make_views(cfg)")
+        """The :class:`~lmssl.data.views.ViewTransform` this method trains on: ``view_preset``
+        at ``vision.image_size`` unless a method defines its own."""
+        from lmssl.data import views
+
+        if not cls.view_preset:
+            raise NotImplementedError(f"{cls.__name__} must set view_preset or define make_views(cfg)")
+        v = cfg.vision
+        return views.ViewTransform(getattr(views, cls.view_preset)(v.image_size), v.mean, v.std, cfg.train.seed)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised ``images (B, C, H, W)`` -> features ``(B, D)``: the pooled ``backbone``

@@ -55,22 +55,17 @@ class BYOL(ImageObjective):
     recipe = "byol_tiny"
     smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "byol.proj_hidden=64",
                        "byol.proj_dim=32")
+    view_preset = "byol_views"
     min_batch = 256
 
     def __init__(self, cfg) -> None:
-        backbone = image_backbone(cfg.model, cfg.vision)
-        super().__init__(cfg, backbone.dim)
+        super().__init__(cfg, backbone=image_backbone(cfg.model, cfg.vision))
         c = cfg.byol
         self.byol, self.max_steps = c, cfg.train.max_steps
-        self.backbone = backbone
-        self.projector = MLPHead(backbone.dim, c.proj_hidden, c.proj_dim, 2)
+        self.projector = MLPHead(self.backbone.dim, c.proj_hidden, c.proj_dim, 2)
         self.predictor = MLPHead(c.proj_dim, c.proj_hidden, c.proj_dim, 2)
         self.target_backbone = ema_copy(self.backbone)
         self.target_projector = ema_copy(self.projector)
-
-    @classmethod
-    def build(cls, cfg, tokenizer=None) -> BYOL:
-        return cls(cfg)
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -78,13 +73,6 @@ class BYOL(ImageObjective):
         if not 0.0 <= c.base_momentum <= c.final_momentum <= 1.0:
             raise UserError(f"byol needs 0 <= base_momentum <= final_momentum <= 1, got {c.base_momentum} and "
                             f"{c.final_momentum}")
-
-    @classmethod
-    def make_views(cls, cfg):
-        from lmssl.data.views import ViewTransform, byol_views
-
-        v = cfg.vision
-        return ViewTransform(byol_views(v.image_size), v.mean, v.std, cfg.train.seed)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         v1, v2 = self.view_images(batch)  # (B, C, S, S) each

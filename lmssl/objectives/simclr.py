@@ -51,19 +51,14 @@ class SimCLR(ImageObjective):
     recipe = "simclr_tiny"
     smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "simclr.proj_hidden=64",
                        "simclr.proj_dim=32")
+    view_preset = "simclr_views"
     min_batch = 256  # SimCLR's negatives come from the batch; the paper's accuracy falls steadily below ~1024
 
     def __init__(self, cfg) -> None:
-        backbone = image_backbone(cfg.model, cfg.vision)
-        super().__init__(cfg, backbone.dim)
+        super().__init__(cfg, backbone=image_backbone(cfg.model, cfg.vision))
         c = cfg.simclr
         self.sim = c
-        self.backbone = backbone
-        self.projector = MLPHead(backbone.dim, c.proj_hidden, c.proj_dim, c.proj_layers)
-
-    @classmethod
-    def build(cls, cfg, tokenizer=None) -> SimCLR:
-        return cls(cfg)
+        self.projector = MLPHead(self.backbone.dim, c.proj_hidden, c.proj_dim, c.proj_layers)
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -72,13 +67,6 @@ class SimCLR(ImageObjective):
             raise UserError(f"simclr.temperature must be > 0, got {c.temperature}")
         if c.proj_layers < 1 or c.proj_hidden < 1 or c.proj_dim < 1:
             raise UserError("simclr.proj_layers, proj_hidden and proj_dim must be at least 1")
-
-    @classmethod
-    def make_views(cls, cfg):
-        from lmssl.data.views import ViewTransform, simclr_views
-
-        v = cfg.vision
-        return ViewTransform(simclr_views(v.image_size), v.mean, v.std, cfg.train.seed)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, accuracy, h1 = self.loss_on(*self.view_images(batch))

@@ -47,19 +47,14 @@ class VICReg(ImageObjective):
     loss_label = "loss (25 inv + 25 var + 1 cov)"
     recipe = "vicreg_tiny"
     smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "vicreg.expander_dim=64")
+    view_preset = "vicreg_views"
     min_batch = 128  # the variance and covariance are batch statistics
 
     def __init__(self, cfg) -> None:
-        backbone = image_backbone(cfg.model, cfg.vision)
-        super().__init__(cfg, backbone.dim)
+        super().__init__(cfg, backbone=image_backbone(cfg.model, cfg.vision))
         c = cfg.vicreg
         self.vic = c
-        self.backbone = backbone
-        self.expander = MLPHead(backbone.dim, c.expander_dim, c.expander_dim, c.expander_layers)
-
-    @classmethod
-    def build(cls, cfg, tokenizer=None) -> VICReg:
-        return cls(cfg)
+        self.expander = MLPHead(self.backbone.dim, c.expander_dim, c.expander_dim, c.expander_layers)
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -68,13 +63,6 @@ class VICReg(ImageObjective):
             raise UserError("vicreg.inv_weight, var_weight and cov_weight must be >= 0")
         if c.expander_layers < 1 or c.expander_dim < 2:
             raise UserError("vicreg.expander_layers must be at least 1 and vicreg.expander_dim at least 2")
-
-    @classmethod
-    def make_views(cls, cfg):
-        from lmssl.data.views import ViewTransform, vicreg_views
-
-        v = cfg.vision
-        return ViewTransform(vicreg_views(v.image_size), v.mean, v.std, cfg.train.seed)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         v1, v2 = self.view_images(batch)  # (B, C, S, S) each
