@@ -201,7 +201,7 @@ def resolve_model(c: FinetuneConfig, kind: str, out: Path, log) -> tuple[str, st
     if result.kind == "native":
         shutil.rmtree(base, ignore_errors=True)
         raise UserError(f"{c.model} has no exact transformers equivalent (family '{_family(Path(c.model))}'), and "
-                        "fine-tuning goes through transformers; pretrain a gpt2, llama, bert or modernbert family model")
+                        "fine-tuning goes through transformers; pretrain a gpt2, llama or bert family model")
     return str(base), f"lmssl run {c.model} (exported to {base}, {result.architecture})"
 
 
