@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -28,7 +28,7 @@ from lmssl.errors import UserError
 @dataclass
 class ModelConfig:
     preset: str = ""  # named size/architecture preset that fills the fields below
-    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | vit | resnet | custom
+    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | modernbert | vit | resnet | custom
     vocab_size: int = 0  # 0: taken from the tokenizer
     pad_vocab_multiple: int = 64  # embedding rows padded up to a multiple of this (speed); padded ids are never predicted
     max_positions: int = 1024  # longest sequence the position table / RoPE cache supports
@@ -43,17 +43,26 @@ class ModelConfig:
     activation: str = "gelu_tanh"  # gelu | gelu_tanh | silu | relu
     gated_mlp: bool = False  # True: SwiGLU-style gate * up projection
     positions: str = "learned"  # learned | rope | sincos (fixed; 2-D over the patch grid for images) | none
-    rope_theta: float = 10000.0  # RoPE base frequency
+    rope_theta: float = 10000.0  # RoPE base frequency (of the global blocks, when some are local)
     bias: bool = True  # biases in linear layers and norms
     dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
     type_vocab_size: int = 0  # >0 adds token-type (segment) embeddings, as BERT does
-    embedding_norm: bool = False  # norm after the embeddings (BERT)
+    embedding_norm: bool = False  # norm after the embeddings (BERT, ModernBERT)
+    first_attn_norm: bool = True  # False: block 0 has no norm before its attention (pre-norm only; ModernBERT, whose embedding norm does that job)
+    local_attention: int = 0  # >0: local blocks attend only to tokens at most local_attention // 2 positions away, either side (ModernBERT: 128); 0: every block is global
+    global_every: int = 1  # with local_attention: blocks 0, n, 2n, ... are global, the others local (ModernBERT: 3); 1: all global
+    local_rope_theta: float = 0.0  # RoPE base frequency of the local blocks (0: rope_theta; ModernBERT: 10000, beside 160000 global)
     head_transform: bool = False  # dense + activation + norm before the vocabulary projection (BERT MLM head)
     head_bias: bool = False  # bias on the vocabulary projection
     causal: bool = True  # default attention direction of the core; objectives may override per call
     init_std: float = 0.02  # std of the normal initialisation of weights
     stem: str = "imagenet"  # resnet family only: imagenet (7x7 conv + max-pool) | cifar (3x3 conv, no pool: images of ~32 px)
+
+    # Fields added after runs existed: left out of the run fingerprint while they hold their
+    # default, so that a run started before they were added still resumes.
+    LATE_FIELDS: ClassVar[tuple[str, ...]] = ("first_attn_norm", "local_attention", "global_every", "local_rope_theta",
+                                              "stem")
 
 
 @dataclass
@@ -186,6 +195,10 @@ class RunConfig:
         key["seed"] = self.train.seed
         for volatile in ("eval_blocks", "num_proc", "num_workers"):
             key["data"].pop(volatile, None)
+        defaults = ModelConfig()
+        for late in ModelConfig.LATE_FIELDS:
+            if key["model"].get(late) == getattr(defaults, late):
+                key["model"].pop(late)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -385,6 +398,10 @@ def validate(cfg: RunConfig) -> None:
         (m.positions in ("learned", "rope", "sincos", "none"), f"model.positions must be learned, rope, sincos or none, got '{m.positions}'"),
         (m.activation in ("gelu", "gelu_tanh", "silu", "relu"), f"model.activation must be gelu, gelu_tanh, silu or relu, got '{m.activation}'"),
         (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
+        (m.first_attn_norm or m.norm_position == "pre",
+         "model.first_attn_norm=false needs model.norm_position=pre (a post-norm block has no norm before attention)"),
+        (m.local_attention >= 0, f"model.local_attention must be >= 0 (0: all blocks global), got {m.local_attention}"),
+        (m.global_every >= 1, f"model.global_every must be at least 1 (1: all blocks global), got {m.global_every}"),
         (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
         (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
         (o.schedule in ("cosine", "linear", "constant"), f"optim.schedule must be cosine, linear or constant, got '{o.schedule}'"),

@@ -10,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Export a run's newest good checkpoint to OUT_DIR: config.json, model.safetensors, the tokenizer, "
         "generation_config.json (decoders), the loss curve and a model card. gpt2 runs become GPT2LMHeadModel, "
-        "llama runs LlamaForCausalLM, bert (MLM) runs BertForMaskedLM, all loadable with AutoModelFor* and "
+        "llama runs LlamaForCausalLM, bert (MLM) runs BertForMaskedLM, modernbert (MLM) runs ModernBertForMaskedLM, "
+        "all loadable with AutoModelFor* and "
         "AutoModel without trust_remote_code. The folder is reloaded and compared with lmssl (max |logit diff| "
         "<= 1e-4) before it is moved into place. Runs with no exact transformers twin (family custom) are "
         "exported as lmssl backbone weights + config + a README saying how to load them.")

@@ -281,7 +281,7 @@ def verify(objective: nn.Module, conv: Converted, cfg: RunConfig, tokenizer, fol
     backbone) and compare with the lmssl objective on :func:`probe_batch`, in float32."""
     import transformers
 
-    ids, mask = probe_batch(cfg, min(32, conv.positions or 32))
+    ids, mask = probe_batch(cfg, min(conv.probe_length, conv.positions or conv.probe_length))
     V = cfg.model.vocab_size
     if conv.reference is not None:
         hidden = conv.reference(ids, mask)  # (B, T, dim)

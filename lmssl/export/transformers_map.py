@@ -8,13 +8,14 @@ dict whose names and shapes that class expects. Converters are registered per
     clm + gpt2   -> GPT2LMHeadModel   (AutoModelForCausalLM)
     clm + llama  -> LlamaForCausalLM  (AutoModelForCausalLM)
     mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
-    cpc + bert   -> BertModel         (the segment encoder; the context network has no twin)
+    mlm + modernbert -> ModernBertForMaskedLM (AutoModelForMaskedLM; AutoModel gives ModernBertModel)
+    cpc + bert / modernbert -> BertModel / ModernBertModel (the segment encoder; the context network has no twin)
     mae + vit    -> ViTMAEForPreTraining (AutoModelForPreTraining; AutoModel gives ViTMAEModel)
     ijepa + vit  -> IJepaModel        (the target encoder: no class token, the sin-cos table as its positions)
     *   + vit    -> ViTModel          (the backbone of every image objective without a converter of its own)
 
 Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
-LlamaModel, BertModel). An objective whose useful product is the backbone alone (CPC)
+LlamaModel, BertModel, ModernBertModel). An objective whose useful product is the backbone alone (CPC)
 registers with :func:`backbone_converter`, which maps ``.backbone`` of any family onto the
 bare ``transformers`` model::
 
@@ -30,10 +31,12 @@ Weight layouts (lmssl -> transformers):
 - the embedding table is padded to ``pad_vocab_multiple`` rows in lmssl; only the
   tokenizer's ``vocab_size`` rows (and head-bias entries) are exported;
 - lmssl's fused ``attn.qkv`` holds queries for ``n_heads`` heads, then keys and values for
-  ``n_kv_heads`` heads: GPT-2 keeps it fused (``c_attn``), Llama and BERT split it;
+  ``n_kv_heads`` heads: GPT-2 and ModernBERT keep it fused (``c_attn``, ``Wqkv``), Llama and
+  BERT split it;
 - GPT-2 uses ``Conv1D`` layers, which store weights as ``(in, out)``: transposed;
 - a gated ``mlp.fc1`` outputs ``[gate, up]`` concatenated: Llama's ``gate_proj``/``up_proj``;
-- RoPE uses the same half-split layout in both, so q/k weights need no permutation.
+  ModernBERT keeps it whole as ``Wi``, whose first half ("input") is the activated one too;
+- RoPE uses the same half-split layout in all of them, so q/k weights need no permutation.
 """
 
 from __future__ import annotations
@@ -70,11 +73,12 @@ class Converted:
     usage: str = ""  # the "How to use" code of the model card, with {name} for the folder/Hub name; "": the text default
     # more safetensors files written beside the model (name -> state dict), e.g. a ResNet's torchvision weights
     extra_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    probe_length: int = 32  # tokens per row of the verification batch (longer than a local-attention window)
 
 
 Converter = Callable[[nn.Module, RunConfig, object], Converted]
 REGISTRY: dict[tuple[str, str], tuple[Converter, bool]] = {}  # (objective, family) -> (converter, maps a head)
-FAMILIES = ("gpt2", "llama", "bert", "vit", "resnet", "custom")
+FAMILIES = ("gpt2", "llama", "bert", "modernbert", "vit", "resnet", "custom")
 
 
 def register(objective: str, family: str, head: bool = True) -> Callable[[Converter], Converter]:
@@ -129,21 +133,26 @@ _ACT_LLAMA = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", 
 
 # Field values the transformers class hard-codes, per family (backbone, then LM head).
 # Fields not listed map onto a config value (sizes, eps, activation, dropout, rope_theta,
-# mlp_hidden, tie_embeddings; Llama's bias; BERT's type_vocab_size and head bias).
+# mlp_hidden, tie_embeddings; Llama's and ModernBERT's bias; BERT's type_vocab_size and
+# head bias; ModernBERT's local_attention, global_every, local_rope_theta and head bias).
+_NO_LOCAL = dict(first_attn_norm=True, local_attention=0)  # every block normed and global
 _FIXED: dict[str, dict[str, object]] = {
     "gpt2": dict(norm="layernorm", norm_position="pre", gated_mlp=False, positions="learned", bias=True,
-                 type_vocab_size=0, embedding_norm=False, causal=True),
+                 type_vocab_size=0, embedding_norm=False, causal=True, **_NO_LOCAL),
     "llama": dict(norm="rmsnorm", norm_position="pre", gated_mlp=True, positions="rope", type_vocab_size=0,
-                  embedding_norm=False, causal=True),
+                  embedding_norm=False, causal=True, **_NO_LOCAL),
     "bert": dict(norm="layernorm", norm_position="post", gated_mlp=False, positions="learned", bias=True,
-                 embedding_norm=True, causal=False),
+                 embedding_norm=True, causal=False, **_NO_LOCAL),
+    "modernbert": dict(norm="layernorm", norm_position="pre", gated_mlp=True, positions="rope", type_vocab_size=0,
+                       embedding_norm=True, first_attn_norm=False, causal=False),
     "vit": dict(norm="layernorm", norm_position="pre", gated_mlp=False, positions="sincos", bias=True,
-                type_vocab_size=0, embedding_norm=False, causal=False),
+                type_vocab_size=0, embedding_norm=False, causal=False, **_NO_LOCAL),
 }
 _FIXED_HEAD: dict[str, dict[str, object]] = {
     "gpt2": dict(head_transform=False, head_bias=False),
     "llama": dict(head_transform=False, head_bias=False),
     "bert": dict(head_transform=True),
+    "modernbert": dict(head_transform=True),
     "vit": {},
 }
 
@@ -158,7 +167,7 @@ def check_family(m: ModelConfig, head: bool = True) -> list[str]:
     fixed = {**_FIXED[m.family], **(_FIXED_HEAD[m.family] if head else {})}
     problems = [f"model.{k}={getattr(m, k)!r} but {m.family} needs {v!r}"
                 for k, v in fixed.items() if getattr(m, k) != v]
-    if m.family in ("gpt2", "bert", "vit") and m.n_kv_heads not in (0, m.n_heads):
+    if m.family in ("gpt2", "bert", "modernbert", "vit") and m.n_kv_heads not in (0, m.n_heads):
         problems.append(f"model.n_kv_heads={m.n_kv_heads} (grouped-query attention) but {m.family} has one "
                         "key/value head per query head")
     if m.dim % m.n_heads:
@@ -262,6 +271,30 @@ def llama_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backb
     return out
 
 
+def _copy(out: dict[str, torch.Tensor], s: dict[str, torch.Tensor], src: str, dst: str, bias: bool) -> None:
+    """``out[dst.weight] = s[src.weight]`` (and the bias, when ``bias``)."""
+    for part in ("weight", "bias") if bias else ("weight",):
+        out[f"{dst}.{part}"] = s[f"{src}.{part}"]
+
+
+def modernbert_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbone.",
+                        dst: str = "") -> dict[str, torch.Tensor]:
+    """lmssl TextBackbone (ModernBERT family) -> ModernBertModel names under ``dst``.
+
+    One to one: the fused ``qkv`` is ``Wqkv`` (q, k, v rows, as ModernBERT views it
+    ``(3, heads, head_dim)``), the gated ``fc1`` is ``Wi``; block 0 has no ``attn_norm``."""
+    out = {f"{dst}embeddings.tok_embeddings.weight": s[f"{src}tokens.weight"][: m.vocab_size]}
+    _copy(out, s, f"{src}embed_norm", f"{dst}embeddings.norm", m.bias)
+    _copy(out, s, f"{src}core.norm", f"{dst}final_norm", m.bias)
+    for i in range(m.n_layers):
+        b, h = f"{src}core.blocks.{i}.", f"{dst}layers.{i}."
+        names = [("attn.qkv", "attn.Wqkv"), ("attn.proj", "attn.Wo"), ("norm2", "mlp_norm"), ("mlp.fc1", "mlp.Wi"),
+                 ("mlp.fc2", "mlp.Wo")] + ([("norm1", "attn_norm")] if i > 0 else [])
+        for ours, theirs in names:
+            _copy(out, s, b + ours, h + theirs, m.bias)
+    return out
+
+
 def bert_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbone.", dst: str = "") -> dict[str, torch.Tensor]:
     """lmssl TextBackbone (BERT family, post-norm) -> BertModel names under ``dst`` (no pooler).
 
@@ -315,11 +348,41 @@ def bert_config(m: ModelConfig, tokenizer, architecture: str):
                       architectures=[architecture], pad_token_id=ids["pad_token_id"])
 
 
+def modernbert_config(m: ModelConfig, tokenizer, architecture: str):
+    """``ModernBertConfig``: one ``bias`` for ModernBERT's four flags, ``head_bias`` for the
+    decoder's; ``layer_types`` spells out which blocks are local. The pre-5.x keys
+    (``global_attn_every_n_layers``, ``global_rope_theta``, ``local_rope_theta``) are written
+    too, so older ``transformers`` read the same layout."""
+    from transformers import ModernBertConfig
+
+    local = [m.local_attention > 0 and i % m.global_every != 0 for i in range(m.n_layers)]
+    every = m.global_every if any(local) else 1
+    local_theta = m.local_rope_theta or m.rope_theta
+    act = _ACT_LLAMA[m.activation]
+    ids = _token_ids(tokenizer)
+    config = ModernBertConfig(
+        vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=_mlp_hidden(m), num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, hidden_activation=act, classifier_activation=act,
+        max_position_embeddings=m.max_positions, initializer_range=m.init_std, norm_eps=m.norm_eps,
+        norm_bias=m.bias, attention_bias=m.bias, mlp_bias=m.bias, classifier_bias=m.bias, decoder_bias=m.head_bias,
+        attention_dropout=m.dropout, embedding_dropout=m.dropout, mlp_dropout=m.dropout,
+        layer_types=["sliding_attention" if x else "full_attention" for x in local],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": m.rope_theta},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+        **({"local_attention": m.local_attention} if any(local) else {}), global_attn_every_n_layers=every,
+        tie_word_embeddings=m.tie_embeddings, architectures=[architecture], pad_token_id=ids["pad_token_id"],
+        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id)
+    config.global_rope_theta, config.local_rope_theta = m.rope_theta, local_theta
+    return config
+
+
 # (backbone mapping, config builder, bare transformers class name) per family
 BACKBONES = {
     "gpt2": (gpt2_backbone, gpt2_config, "GPT2Model"),
     "llama": (llama_backbone, llama_config, "LlamaModel"),
     "bert": (bert_backbone, bert_config, "BertModel"),
+    "modernbert": (modernbert_backbone, modernbert_config, "ModernBertModel"),
 }
 
 
@@ -366,9 +429,38 @@ def bert_mlm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
                      "masked-lm", "fill-mask", notes)
 
 
+@register("mlm", "modernbert")
+def modernbert_mlm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    import transformers
+
+    m = cfg.model
+    s = _state(objective)
+    sd = modernbert_backbone(s, m, dst="model.")
+    _copy(sd, s, "head.dense", "head.dense", m.bias)
+    _copy(sd, s, "head.norm", "head.norm", m.bias)
+    sd["decoder.weight"] = _head_weight(s, m)
+    if m.head_bias:
+        sd["decoder.bias"] = s["head.bias"][: m.vocab_size]
+    notes = ["`AutoModel` loads the bare `ModernBertModel`. `AutoModelForSequenceClassification` keeps the pretrained "
+             "`head` (dense, activation, norm) and adds a fresh classifier; it pools the first token (the config's "
+             "`classifier_pooling=\"cls\"`), and this model was pretrained on packed text with no class token in "
+             "front, so `classifier_pooling=\"mean\"` may suit it better"]
+    if m.dropout > 0:
+        notes.append("ModernBERT drops out inside the MLP, before `Wo`; lmssl dropped out after its output projection "
+                     "(the same model at inference)")
+    return Converted(transformers.ModernBertForMaskedLM, modernbert_config(m, tokenizer, "ModernBertForMaskedLM"), sd,
+                     "masked-lm", "fill-mask", notes, probe_length=_probe_length(m))
+
+
+def _probe_length(m: ModelConfig) -> int:
+    """A verification batch longer than the local-attention window, so the window is checked."""
+    return max(32, m.local_attention + 8) if m.local_attention > 0 else 32
+
+
 def backbone_converter(objective: nn.Module, cfg: RunConfig, tokenizer, module: nn.Module | None = None,
                        model_cfg: ModelConfig | None = None) -> Converted:
-    """The bare backbone of any family with a twin (GPT2Model / LlamaModel / BertModel), for
+    """The bare backbone of any family with a twin (GPT2Model / LlamaModel / BertModel /
+    ModernBertModel), for
     objectives whose heads have no transformers counterpart. Register it per family, e.g.
     ``register("cpc", "gpt2", head=False)(backbone_converter)``; the verification compares
     hidden states. ``module``/``model_cfg`` name another TextBackbone than
@@ -392,12 +484,15 @@ def backbone_converter(objective: nn.Module, cfg: RunConfig, tokenizer, module: 
         fresh = ("pooler.",)
     return Converted(getattr(transformers, class_name), make_config(m, tokenizer, class_name), sd, "backbone",
                      "feature-extraction", notes, fresh,
-                     reference=lambda ids, mask: module(ids, mask, is_causal=m.causal), positions=m.max_positions)
+                     reference=lambda ids, mask: module(ids, mask, is_causal=m.causal), positions=m.max_positions,
+                     probe_length=_probe_length(m))
 
 
+@register("cpc", "modernbert", head=False)
 @register("cpc", "bert", head=False)
 def cpc_bert(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
-    """CPC: the segment encoder as ``BertModel`` (bidirectional, ``cpc.segment_len`` positions).
+    """CPC: the segment encoder as ``BertModel`` or ``ModernBertModel`` (bidirectional,
+    ``cpc.segment_len`` positions).
     The causal context network runs over segment latents, not tokens, and has no
     ``transformers`` class; it and the predictors stay in the run's checkpoint."""
     conv = backbone_converter(objective, cfg, tokenizer, objective.encoder, objective.encoder_cfg)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmssl.config import ModelConfig
-from lmssl.nn import MLP, Attention, RotaryEmbedding, make_norm
+from lmssl.nn import MLP, Attention, RotaryEmbedding, local_attention_mask, make_norm
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -28,16 +28,20 @@ def mlp_hidden(cfg: ModelConfig) -> int:
 
 
 class Block(nn.Module):
-    """One transformer block ``(B, T, dim) -> (B, T, dim)``.
+    """One transformer block ``(B, T, dim) -> (B, T, dim)``; ``index`` is its depth in the stack.
 
     Pre-norm: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
     Post-norm (original BERT): ``norm1(x + attn(x))`` then ``norm2(x + mlp(x))``.
+    With ``first_attn_norm=False`` block 0's ``norm1`` is the identity (ModernBERT). ``local``
+    says whether the stack feeds this block the local-attention mask (``local_attention``).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
-        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias)
+        self.local = cfg.local_attention > 0 and index % cfg.global_every != 0
+        self.norm1 = nn.Identity() if index == 0 and not cfg.first_attn_norm \
+            else make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.bias, cfg.dropout)
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.dim, mlp_hidden(cfg), cfg.activation, cfg.gated_mlp, cfg.bias, cfg.dropout)
@@ -58,6 +62,11 @@ class Transformer(nn.Module):
     uses ``cfg.causal``. Rotary positions, when configured, are applied inside attention;
     other position schemes are added to ``x`` by the caller (see :mod:`lmssl.models.text`).
 
+    Local/global attention (``cfg.local_attention > 0``, ModernBERT): the blocks marked
+    ``local`` get a sliding-window mask ``(B|1, 1, T, T)``, built once per call, and the
+    rotary table of ``cfg.local_rope_theta``; the global ones get ``attn_mask`` and
+    ``cfg.rope_theta``. Without local blocks nothing of this runs.
+
     ``checkpoint_activations`` (off by default; see :func:`set_activation_checkpointing`):
     while gradients are on, each block keeps only its input and recomputes its activations
     in the backward pass: activation memory drops from every block's intermediates to one
@@ -67,21 +76,32 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias) if cfg.norm_position == "pre" else nn.Identity()
         head_dim = cfg.dim // cfg.n_heads
-        self.rope = RotaryEmbedding(head_dim, cfg.max_positions, cfg.rope_theta) if cfg.positions == "rope" else None
+        rotary = cfg.positions == "rope"
+        self.rope = RotaryEmbedding(head_dim, cfg.max_positions, cfg.rope_theta) if rotary else None
+        self.has_local = any(block.local for block in self.blocks)
+        local_theta = cfg.local_rope_theta or cfg.rope_theta  # None below: the local blocks share self.rope
+        self.local_rope = RotaryEmbedding(head_dim, cfg.max_positions, local_theta) \
+            if rotary and self.has_local and local_theta != cfg.rope_theta else None
         self.checkpoint_activations = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
         causal = self.cfg.causal if is_causal is None else is_causal
-        rope = self.rope.cos_sin(x.shape[1], x.device, x.dtype) if self.rope is not None else None
+        T = x.shape[1]
+        rope = self.rope.cos_sin(T, x.device, x.dtype) if self.rope is not None else None
+        local = None  # (mask, rope) of the local blocks
+        if self.has_local:
+            local_rope = self.local_rope.cos_sin(T, x.device, x.dtype) if self.local_rope is not None else rope
+            local = (local_attention_mask(attn_mask, T, self.cfg.local_attention, x.device), local_rope)
         recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for block in self.blocks:
+            mask, pos = local if block.local else (attn_mask, rope)
             if recompute:  # dropout draws are replayed: the RNG state is saved with the input
-                x = checkpoint(block, x, attn_mask, causal, rope, use_reentrant=False)
+                x = checkpoint(block, x, mask, causal, pos, use_reentrant=False)
             else:
-                x = block(x, attn_mask, causal, rope)
+                x = block(x, mask, causal, pos)
         return self.norm(x)
 
 

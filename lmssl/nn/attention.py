@@ -14,15 +14,38 @@ def key_padding_to_sdpa(attn_mask: torch.Tensor | None, is_causal: bool, length:
 
     Returns ``(mask, is_causal)``: ``(B, 1, 1, T)`` boolean for bidirectional attention,
     ``(B, 1, T, T)`` when it must be combined with causality (SDPA refuses both at once),
-    or ``(None, is_causal)`` when there is no padding.
+    or ``(None, is_causal)`` when there is no padding. A mask that is already 4-D (see
+    :func:`local_attention_mask`) is used as it is, and combined with causality if asked.
     """
     if attn_mask is None:
         return None, is_causal
-    mask = attn_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    mask = attn_mask if attn_mask.dim() == 4 else attn_mask.bool()[:, None, None, :]  # (B|1, 1, 1|T, T)
     if is_causal:
         causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-        mask = mask & causal  # (B, 1, T, T)
+        mask = mask & causal  # (B|1, 1, T, T)
     return mask, False
+
+
+def local_attention_mask(attn_mask: torch.Tensor | None, length: int, window: int,
+                         device: torch.device) -> torch.Tensor | None:
+    """Sliding-window attention as a boolean SDPA mask: query ``i`` may attend to key ``j``
+    when ``|i - j| <= window // 2`` (ModernBERT's local attention) and ``j`` is a real token.
+
+    ``attn_mask`` is the key-padding mask ``(B, T)`` (True = real token) or None. Returns
+    ``(B, 1, T, T)``, or ``(1, 1, T, T)`` without padding. A padded query whose window
+    holds no real token keeps its own position, so that no row is empty (an empty row is
+    NaN in some SDPA kernels). When the window spans the whole sequence the mask changes
+    nothing and ``attn_mask`` is returned as it is (global attention, no ``T x T`` mask).
+    """
+    half = window // 2
+    if length - 1 <= half:
+        return attn_mask
+    pos = torch.arange(length, device=device)
+    band = (pos[:, None] - pos[None, :]).abs() <= half  # (T, T)
+    if attn_mask is None:
+        return band[None, None]  # (1, 1, T, T)
+    mask = band & attn_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+    return mask | torch.eye(length, dtype=torch.bool, device=device)
 
 
 class Attention(nn.Module):
@@ -30,6 +53,8 @@ class Attention(nn.Module):
 
     One fused ``qkv`` projection (queries for ``n_heads`` heads, then keys and values for
     ``n_kv_heads`` heads each), optional rotary positions, SDPA, output projection.
+    ``attn_mask`` is a key-padding mask ``(B, T)`` or a ready boolean mask ``(B|1, 1, T, T)``
+    (local attention); True = may attend.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int = 0, bias: bool = True, dropout: float = 0.0) -> None:

@@ -22,6 +22,10 @@ PRESETS = {  # family -> (recipe, overrides on top of tests.conftest.TINY)
                                   "model.pad_vocab_multiple=100"]),  # 8192 -> 8200 rows: the export slices them off
     "bert": ("bert_tiny.yaml", ["model.preset=bert_tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=2",
                                 "model.max_positions=64", "optim.warmup_steps=1"]),
+    # 4 layers: blocks 1 and 2 are local, with a window (8 either side) shorter than the 32-token blocks
+    "modernbert": ("mlm_tiny.yaml", ["model.preset=modernbert_tiny", "model.dim=64", "model.n_layers=4",
+                                     "model.n_heads=4", "model.mlp_hidden=96", "model.max_positions=64",
+                                     "model.local_attention=16", "optim.warmup_steps=1"]),
 }
 
 

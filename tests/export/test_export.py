@@ -128,6 +128,51 @@ def test_bert_mlm_run_exports_to_bertformaskedlm(tmp_path):
     assert not (out / "generation_config.json").exists()
 
 
+def test_modernbert_mlm_run_exports_to_modernbertformaskedlm(tmp_path, capsys):
+    """A real run with local blocks (window 16 < the 32-token probe) -> ModernBertForMaskedLM:
+    logits and AutoModel hidden states match, fill-mask works, and the folder fine-tunes as
+    ModernBertForSequenceClassification with the pretrained head and a fresh classifier."""
+    from transformers import AutoModel, AutoModelForMaskedLM, ModernBertForSequenceClassification, pipeline
+
+    run = pretrain(tmp_path / "run", "modernbert", steps=2)
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ModernBertForMaskedLM" in printed and "max |diff|" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["ModernBertForMaskedLM"] and config["model_type"] == "modernbert"
+    assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert config["local_attention"] == 16 and config["global_attn_every_n_layers"] == 3
+    assert config["rope_parameters"]["full_attention"]["rope_theta"] == 160000.0
+    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    assert not config["attention_bias"] and not config["mlp_bias"] and not config["norm_bias"]
+    assert config["decoder_bias"] and config["tie_word_embeddings"] and config["classifier_pooling"] == "cls"
+    objective, cfg, tok = load_run(run)
+    assert (config["pad_token_id"], config["cls_token_id"], config["sep_token_id"]) == (
+        tok.pad_token_id, tok.cls_token_id, tok.sep_token_id)
+    ids, mask = probe_batch(cfg)
+    assert ids.shape[1] > cfg.model.local_attention // 2 + 1  # the window is checked, not only global attention
+    mlm = AutoModelForMaskedLM.from_pretrained(out, dtype=torch.float32).eval()
+    base = AutoModel.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(base).__name__ == "ModernBertModel"
+    keep = mask.bool()
+    with torch.no_grad():
+        hidden = objective.backbone(ids, mask, is_causal=False)
+        ours = objective.head(hidden)[..., : cfg.model.vocab_size]
+        assert float((ours - mlm(input_ids=ids, attention_mask=mask).logits)[keep].abs().max()) < TOL
+        assert float((hidden - base(input_ids=ids, attention_mask=mask).last_hidden_state)[keep].abs().max()) < TOL
+    fills = pipeline("fill-mask", model=str(out))(f"And God said, Let there be {tok.mask_token}", top_k=3)
+    assert len(fills) == 3 and all("sequence" in f for f in fills)
+    clf, info = ModernBertForSequenceClassification.from_pretrained(out, num_labels=6, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"]
+    assert set(info["unexpected_keys"]) <= {"decoder.bias"}  # the vocabulary bias of the MLM head
+    assert torch.equal(clf.head.dense.weight, mlm.head.dense.weight)  # the pretrained head is kept
+    assert clf(input_ids=ids, attention_mask=mask).logits.shape == (2, 6)
+    meta = _front_matter((out / "README.md").read_text())
+    assert meta["pipeline_tag"] == "fill-mask" and meta["tags"] == ["lmssl", "mlm", "modernbert"]
+    assert "classifier_pooling" in (out / "README.md").read_text()
+
+
 class _Masked(torch.nn.Module):
     """The MaskedLM contract (.backbone + .head), built directly."""
 
@@ -137,18 +182,23 @@ class _Masked(torch.nn.Module):
         self.head = LMHead(cfg, self.backbone.tokens)
 
 
-@pytest.mark.parametrize("case", ["gpt2_untied", "llama_bias_mha", "bert_no_types_no_bias"])
+@pytest.mark.parametrize("case", ["gpt2_untied", "llama_bias_mha", "bert_no_types_no_bias", "modernbert_bias_untied"])
 def test_mapping_is_exact_for_every_tensor(case, tmp_path):
     """Every parameter moved off its init (so a swapped or dropped tensor shows) and the
-    less common options: untied GPT-2 head, Llama with biases, BERT without token types."""
+    less common options: untied GPT-2 head, Llama with biases, BERT without token types,
+    ModernBERT with biases, an untied head without a vocabulary bias and local blocks."""
     if case == "gpt2_untied":
         cfg = tiny_config("gpt_tiny", tie_embeddings=False, pad_vocab_multiple=100, activation="gelu")
         objective = CausalLM(cfg.model)
     elif case == "llama_bias_mha":
         cfg = tiny_config("llama_tiny", bias=True, n_kv_heads=0, mlp_hidden=0, rope_theta=500.0)
         objective = CausalLM(cfg.model)
-    else:
+    elif case == "bert_no_types_no_bias":
         cfg = tiny_config("bert_tiny", "mlm", type_vocab_size=0, head_bias=False)
+        objective = _Masked(cfg.model)
+    else:
+        cfg = tiny_config("modernbert_tiny", "mlm", bias=True, tie_embeddings=False, head_bias=False, n_layers=3,
+                          mlp_hidden=96, local_attention=16)
         objective = _Masked(cfg.model)
     perturb(objective)
     result = export_model(objective, cfg, load_tokenizer("default"), tmp_path / "hf", log=lambda m: None)
@@ -215,6 +265,13 @@ def test_export_errors_are_one_line(tmp_path, gpt_run, capsys):
     line = _one_error_line(capsys)
     assert "model.norm='rmsnorm' but gpt2 needs 'layernorm'" in line and "--lmssl-format" in line
     assert not (tmp_path / "o3").exists()
+    # so has a modernbert run with RMSNorm
+    cfg = tiny_config("modernbert_tiny", "mlm", norm="rmsnorm", mlp_hidden=96)
+    write_run(tmp_path / "mb_rms", cfg, _Masked(cfg.model))
+    assert main(["export", str(tmp_path / "mb_rms"), str(tmp_path / "o5")]) == 2
+    line = _one_error_line(capsys)
+    assert "model.norm='rmsnorm' but modernbert needs 'layernorm'" in line and "--lmssl-format" in line
+    assert not (tmp_path / "o5").exists()
     # missing tokenizer
     tok_dir = tmp_path / "tok"
     shutil.copytree(default_tokenizer_path(), tok_dir)
@@ -273,14 +330,16 @@ def test_card_names_the_pretraining_data():
     assert ids == ["HuggingFaceFW/fineweb-edu"] and "sample-10BT" in text
 
 
-def test_cpc_encoder_exports_to_bertmodel(tmp_path):
-    """The CPC segment encoder (bert family) loads as BertModel; mean-pooling a segment's
-    last_hidden_state gives the same latent z as lmssl's encoder."""
+@pytest.mark.parametrize("preset, architecture", [("bert_tiny", "BertModel"), ("modernbert_tiny", "ModernBertModel")])
+def test_cpc_encoder_exports_to_its_backbone(preset, architecture, tmp_path):
+    """The CPC segment encoder (bert or modernbert family) loads as BertModel /
+    ModernBertModel; mean-pooling a segment's last_hidden_state gives the same latent z as
+    lmssl's encoder."""
     from transformers import AutoModel
 
     from lmssl.objectives.cpc import CPC
 
-    cfg = tiny_config("bert_tiny", "cpc", "cpc.prediction_steps=2")
+    cfg = tiny_config(preset, "cpc", "cpc.prediction_steps=2", **({"mlp_hidden": 96} if preset == "modernbert_tiny" else {}))
     cfg.cpc.segment_len, cfg.cpc.encoder_layers = 8, 1
     objective = perturb(CPC(cfg.model, cfg.cpc))
     run = write_run(tmp_path / "run", cfg, objective)
@@ -290,7 +349,7 @@ def test_cpc_encoder_exports_to_bertmodel(tmp_path):
     assert _front_matter(card)["pipeline_tag"] == "feature-extraction"
     assert "segment encoder" in card and "context network" in card
     model = AutoModel.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(model).__name__ == "BertModel" and model.config.max_position_embeddings == 8
+    assert type(model).__name__ == architecture and model.config.max_position_embeddings == 8
     assert model.config.num_hidden_layers == 1
     ids = torch.randint(6, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
