@@ -47,10 +47,10 @@ line); ``recipes/colorization_cifar10.yaml`` reads CIFAR-10 from the Hub, and
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,20 +75,18 @@ class ColorizationConfig:
     head_layers: int = 1  # linear layers of the per-token decoder (1: one linear map, like MAE's pixel head)
 
 
-@functools.lru_cache(maxsize=4)
-def _ab_bins(bin_size: float) -> torch.Tensor:
+def ab_bins(bin_size: float) -> torch.Tensor:
+    """Centres ``(Q, 2)`` (a, b) of the ``bin_size`` grid cells of the ab plane that some sRGB colour
+    falls in (nearest centre, over a 64^3 lattice of the sRGB cube): the classes of the colour classifier.
+    About half a second on a CPU; computed at every build, not cached, so that every build makes the
+    same host reads (the table is read back once to find the distinct cells)."""
     from kornia.color import rgb_to_lab
 
     s = torch.linspace(0.0, 1.0, 64)
     rgb = torch.stack(torch.meshgrid(s, s, s, indexing="ij")).reshape(3, 1, -1)  # 64^3 sRGB colours
-    ab = rgb_to_lab(rgb)[1:, 0].T  # (64^3, 2)
-    return torch.unique(torch.round(ab / bin_size), dim=0) * bin_size  # (Q, 2), sorted
-
-
-def ab_bins(bin_size: float) -> torch.Tensor:
-    """Centres ``(Q, 2)`` (a, b) of the ``bin_size`` grid cells of the ab plane that some sRGB colour
-    falls in (nearest centre, over a 64^3 lattice of the sRGB cube): the classes of the colour classifier."""
-    return _ab_bins(float(bin_size)).clone()
+    ab = rgb_to_lab(rgb)[1:, 0].T.numpy()  # (64^3, 2)
+    cells = np.unique(np.round(ab / bin_size), axis=0)  # (Q, 2) grid indices, sorted
+    return torch.from_numpy(cells * bin_size).float()
 
 
 def soft_encode(ab: torch.Tensor, bins: torch.Tensor, k: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
