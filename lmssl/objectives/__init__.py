@@ -58,6 +58,10 @@ class attributes
     temperature schedules. ``skipped`` is a 0-dim float tensor on the device (1.0: the
     step was skipped as non-finite), so the hook never makes the host wait.
 
+``should_stop() -> bool``
+    Asked after every evaluation and when a run resumes: True ends the run there, saved as
+    at its last step (early stopping; fine-tuning's classifier uses it). Default: never.
+
 ``backbone``
     The module :mod:`lmssl.export` maps onto a ``transformers`` backbone when the objective
     has no converter of its own (text: ``TextBackbone``; images: ``VisionBackbone``).
@@ -127,6 +131,10 @@ class Objective(nn.Module):
 
     def after_step(self, step: int, skipped: torch.Tensor) -> None:
         """Once per optimizer step, after it (``skipped``: 0-dim float on the device)."""
+
+    def should_stop(self) -> bool:
+        """After an evaluation (and on resume): True ends the run (early stopping)."""
+        return False
 
 
 def decay_groups(parameters, weight_decay: float) -> list[dict]:

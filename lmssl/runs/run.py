@@ -54,10 +54,16 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg, tokenizer
 
 
-def prepare_run_dir(cfg: RunConfig, is_main: bool, log) -> ckpt.Checkpoint | None:
-    """Claim the output directory; return the checkpoint to resume from, if any."""
+def prepare_run_dir(cfg: RunConfig, is_main: bool, log, record: str = "run.json",
+                    extra: dict | None = None) -> ckpt.Checkpoint | None:
+    """Claim the output directory; return the checkpoint to resume from, if any.
+
+    ``cfg``: a :class:`RunConfig` or any config the training loop takes (``train``,
+    ``fingerprint()``, ``to_dict()``); ``record``: the file that holds its fingerprint and
+    settings (``run.json`` for pretraining, ``finetune.json`` for fine-tuning); ``extra``:
+    more keys for that file."""
     out = Path(cfg.train.output_dir)
-    run_file = out / "run.json"
+    run_file = out / record
     if run_file.is_file():
         try:
             previous = json.loads(run_file.read_text())
@@ -74,9 +80,10 @@ def prepare_run_dir(cfg: RunConfig, is_main: bool, log) -> ckpt.Checkpoint | Non
         elif cfg.train.overwrite and is_main:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) and not cfg.train.overwrite:
-        raise UserError(f"{out} holds checkpoints but no run.json; choose another train.output_dir or pass "
+        raise UserError(f"{out} holds checkpoints but no {record}; choose another train.output_dir or pass "
                         "train.overwrite=true")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_file, json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}, indent=1))
+        ckpt.atomic_write_text(run_file, json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
+                                                     **(extra or {})}, indent=1))
     return ckpt.find_resumable(out, log) if not cfg.train.overwrite or run_file.is_file() else None

@@ -1,5 +1,7 @@
-"""The training loop on Accelerate. One function, readable top to bottom; features are
-small helpers beside it (run directory, checkpoints, logging, evaluation)."""
+"""The training loop on Accelerate. One function, :func:`fit`, readable top to bottom; features
+are small helpers beside it (checkpoints, logging, evaluation, skipped steps). Pretraining
+(:func:`train`) and fine-tuning (:mod:`lmssl.finetune`) each build their objective, data and
+run directory, then hand them to it."""
 
 from __future__ import annotations
 
@@ -12,19 +14,20 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from lmssl import objectives
-from lmssl.config import RunConfig
+from lmssl.config import OptimConfig, RunConfig, TrainConfig
 from lmssl.data import build_data
 from lmssl.data.batches import to_device
 from lmssl.data.tokenizer import load_tokenizer
 from lmssl.errors import UserError
 from lmssl.evaluate import evaluate_objective
 from lmssl.models import set_activation_checkpointing
+from lmssl.objectives import Objective
 from lmssl.runs import checkpoint as ckpt
 from lmssl.runs import prepare_run_dir
 from lmssl.train.flops import device_peak_flops
@@ -114,36 +117,75 @@ def complete_model_config(cfg: RunConfig, tokenizer) -> None:
     cfg.model.vocab_size = n
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+class LoopConfig(Protocol):
+    """What :func:`fit` reads of a run's settings. :class:`~lmssl.config.RunConfig` is one
+    (pretraining); :class:`lmssl.finetune.FinetuneRun` is another (fine-tuning)."""
+
+    objective: str  # the name shown in the log, the progress bar and the loss curve's title
+    train: TrainConfig
+    optim: OptimConfig
+
+    def fingerprint(self) -> str: ...  # what makes two runs the same run (checkpoints record it)
+
+    def to_dict(self) -> dict[str, Any]: ...  # every setting (trackers record it)
+
+
+def make_accelerator(t: TrainConfig):
+    """The Accelerator of a run. Without GPUs, a torchrun / `accelerate launch` world of
+    several processes is Accelerate's multi-CPU mode."""
     from accelerate import Accelerator
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=t.mixed_precision, log_with=t.trackers or None, project_dir=t.output_dir,
+                       cpu=multi_cpu)
+
+
+def console(accelerator) -> Callable[[str], None]:
+    """Log lines on the main process (stderr, above the progress bar); other processes stay quiet."""
+    return (lambda msg: tqdm.write(msg, file=sys.stderr)) if accelerator.is_main_process else (lambda msg: None)
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Pretrain ``cfg.objective`` (``lmssl pretrain``): the run's data, run directory and
+    objective, then :func:`fit`."""
     from accelerate.utils import set_seed
 
-    # Without GPUs, a torchrun / `accelerate launch` world of several processes is Accelerate's multi-CPU mode.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None,
-                              project_dir=cfg.train.output_dir, cpu=multi_cpu)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if is_main else (lambda msg: None)
-    out = Path(cfg.train.output_dir)
-
+    accelerator = make_accelerator(cfg.train)
+    log = console(accelerator)
     kind = objectives.get(cfg.objective)
     tokenizer = load_tokenizer(cfg.data.tokenizer) if kind.modality != "images" else None
     if tokenizer is not None:
         complete_model_config(cfg, tokenizer)
     with accelerator.main_process_first():
         data = build_data(cfg, kind, tokenizer, log)  # first: it completes the config (image classes)
-        resume = prepare_run_dir(cfg, is_main, log)
-
+        resume = prepare_run_dir(cfg, accelerator.is_main_process, log)
     set_seed(cfg.train.seed)
     objective = objectives.build(cfg, tokenizer)
+    result = fit(objective, data, cfg, accelerator, resume, tokenizer, log)
+    if result.get("complete"):
+        log(f"{cfg.train.output_dir} is already trained to step {result['step']}; raise train.max_steps to train further")
+    return result
+
+
+def fit(objective: Objective, data, cfg: LoopConfig, accelerator, resume: ckpt.Checkpoint | None, tokenizer=None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``objective`` on ``data`` (``stream``, ``eval_batches``, ``unit``,
+    ``units_per_sample``: :class:`~lmssl.data.batches.TextData` and the like) with
+    ``cfg.train`` and ``cfg.optim``, from ``resume`` (a checkpoint of this run, or None):
+    steps seeded by :func:`step_seed`, non-finite steps skipped on the device, log lines,
+    evaluations (the objective's ``eval_metrics``), atomic checkpoints and a clean stop on
+    SIGINT/SIGTERM. The run ends at ``train.max_steps``, or at an evaluation after which
+    ``objective.should_stop()`` (early stopping). ``{"complete": True}`` when it had
+    already ended."""
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.train.output_dir)
     n_params = sum(p.numel() for p in objective.parameters())
     optimizer = make_optimizer(objective.param_groups(cfg.optim), cfg.optim, accelerator.device.type)
     schedule = make_schedule(optimizer, cfg.optim, cfg.train.max_steps)
     state = TrainState()
     if resume is not None:
         state = _resume(resume, objective, optimizer, schedule, cfg, log)
-    if state.step >= cfg.train.max_steps:
-        log(f"{out} is already trained to step {state.step}; raise train.max_steps to train further")
+    if state.step >= cfg.train.max_steps or objective.should_stop():
         return {"step": state.step, "tokens_seen": state.tokens_seen, "complete": True}
     if cfg.train.activation_checkpointing:
         set_activation_checkpointing(objective)
@@ -198,22 +240,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
         last_step = state.step == cfg.train.max_steps
         logging = state.step % cfg.train.log_every == 0 or last_step
+        evaluating = (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last_step
         saving = (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last_step
         # one process alone reads its own flag; several read the agreed one a step late, when it is ready
         stopping = stop.requested if world == 1 else stop_flag.swap(health[2])
-        if logging or saving or stopping:
+        if logging or evaluating or saving or stopping:
             _settle_bad_steps(guard, state, cfg, out, log, stop)
         if logging:
-            record = window.record(accelerator, state, schedule, unit, flops_per_unit, peak)
-            jsonl.write(record)
-            if cfg.train.trackers:
-                accelerator.log(record, step=state.step)
-            bar.set_postfix({"loss": f"{record['loss']:.3f}", f"{unit[:3]}/s": f"{record[f'{unit}_per_s']:,.0f}",
-                             "mfu": f"{record['mfu']:.1%}"})
-            state.metrics = record
-        if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last_step:
+            _log_window(window, accelerator, state, schedule, unit, flops_per_unit, peak, jsonl, bar, cfg)
+        if evaluating:
             _evaluate_and_log(objective, data, cfg, accelerator, state, jsonl, log)
-        if saving or stopping:
+        done = last_step or (evaluating and objective.should_stop())  # early stopping ends a run at an evaluation
+        if saving or stopping or done:
             _save(accelerator, model, optimizer, schedule, state, cfg)
         if stopping:
             bar.close()
@@ -221,10 +259,24 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             log(f"stopped by signal at step {state.step}; checkpoint saved. Run the same command again to resume.")
             accelerator.end_training()
             return {"stopped": True, "step": state.step, **state.metrics}
+        if done:
+            break
     bar.close()
     stop.restore()
     accelerator.end_training()
     return _finish(objective, data, cfg, accelerator, state, tokenizer, n_params, unit)
+
+
+def _log_window(window: MetricWindow, accelerator, state: TrainState, schedule, unit: str, flops_per_unit: float,
+                peak: float, jsonl: JsonlLog, bar, cfg: LoopConfig) -> None:
+    """One log line: the window's averages to ``log.jsonl``, the trackers, the progress bar and the state."""
+    record = window.record(accelerator, state, schedule, unit, flops_per_unit, peak)
+    jsonl.write(record)
+    if cfg.train.trackers:
+        accelerator.log(record, step=state.step)
+    bar.set_postfix({"loss": f"{record['loss']:.3f}", f"{unit[:3]}/s": f"{record[f'{unit}_per_s']:,.0f}",
+                     "mfu": f"{record['mfu']:.1%}"})
+    state.metrics = record
 
 
 class MetricWindow:
@@ -262,7 +314,7 @@ class MetricWindow:
         return record
 
 
-def _resume(resume: ckpt.Checkpoint, objective, optimizer, schedule, cfg: RunConfig, log) -> TrainState:
+def _resume(resume: ckpt.Checkpoint, objective, optimizer, schedule, cfg: LoopConfig, log) -> TrainState:
     ckpt.load_weights(objective, resume.path / "model.safetensors")
     optimizer.load_state_dict(ckpt.load_optimizer_state(resume.path))
     saved = ckpt.load_trainer_state(resume.path)
@@ -278,7 +330,7 @@ def _resume(resume: ckpt.Checkpoint, objective, optimizer, schedule, cfg: RunCon
     return TrainState(saved["step"], saved["cursor"], saved["tokens_seen"], saved.get("bad_steps", 0))
 
 
-def _evaluate_and_log(objective, data, cfg: RunConfig, accelerator, state: TrainState, jsonl, log) -> None:
+def _evaluate_and_log(objective, data, cfg: LoopConfig, accelerator, state: TrainState, jsonl, log) -> None:
     """Held-out metrics (the objective's loss and metrics on the fixed batches, then its own
     extras: perplexity, k-NN, collapse); logged, kept in the state, and the loss curve redrawn."""
     batches = [objective.prepare_batch(dict(b), torch.Generator().manual_seed(10_007 + i))
@@ -294,7 +346,7 @@ def _evaluate_and_log(objective, data, cfg: RunConfig, accelerator, state: Train
                         objective.loss_label)
 
 
-def _finish(objective, data, cfg: RunConfig, accelerator, state: TrainState, tokenizer, n_params: int,
+def _finish(objective, data, cfg: LoopConfig, accelerator, state: TrainState, tokenizer, n_params: int,
             unit: str) -> dict[str, Any]:
     """The run's result, the end-of-run report and ``final_metrics.json`` (main process)."""
     out = Path(cfg.train.output_dir)
@@ -312,7 +364,7 @@ def _finish(objective, data, cfg: RunConfig, accelerator, state: TrainState, tok
     return result
 
 
-def _checked_step(accelerator, model, optimizer, guard: NonFiniteGuard, cfg: RunConfig, loss: torch.Tensor,
+def _checked_step(accelerator, model, optimizer, guard: NonFiniteGuard, cfg: LoopConfig, loss: torch.Tensor,
                   step: int, stop_requested: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip (or just measure) the gradients and take the optimizer step, or skip it when the
     loss or gradient norm is not finite, without reading a device value on the host: the
@@ -349,7 +401,7 @@ def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
     return torch.full_like(like, float(value), dtype=torch.float32)
 
 
-def _settle_bad_steps(guard: NonFiniteGuard, state: TrainState, cfg: RunConfig, out: Path, log, stop) -> None:
+def _settle_bad_steps(guard: NonFiniteGuard, state: TrainState, cfg: LoopConfig, out: Path, log, stop) -> None:
     """Count the steps skipped since the last call; stop the run once more than
     ``train.max_bad_steps`` have been."""
     n, (loss, grad_norm, step) = guard.settle()
@@ -367,7 +419,7 @@ def _settle_bad_steps(guard: NonFiniteGuard, state: TrainState, cfg: RunConfig, 
             "or allow train.max_bad_steps")
 
 
-def _save(accelerator, model, optimizer, schedule, state: TrainState, cfg: RunConfig) -> None:
+def _save(accelerator, model, optimizer, schedule, state: TrainState, cfg: LoopConfig) -> None:
     model_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
