@@ -28,11 +28,12 @@ from lmssl.errors import UserError
 @dataclass
 class ModelConfig:
     preset: str = ""  # named size/architecture preset that fills the fields below
-    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | modernbert | vit | resnet | custom
+    family: str = "gpt2"  # architecture family, decides the transformers class at export: gpt2 | llama | bert | modernbert | electra | vit | resnet | custom
     vocab_size: int = 0  # 0: taken from the tokenizer
     pad_vocab_multiple: int = 64  # embedding rows padded up to a multiple of this (speed); padded ids are never predicted
     max_positions: int = 1024  # longest sequence the position table / RoPE cache supports
     dim: int = 768  # residual stream width
+    embedding_dim: int = 0  # 0: dim; else token/position/type embeddings (and their norm) this wide, then a linear map to dim (ELECTRA's embeddings_project)
     n_layers: int = 12  # transformer blocks
     n_heads: int = 12  # attention heads
     n_kv_heads: int = 0  # 0: same as n_heads; fewer gives grouped-query attention
@@ -62,7 +63,7 @@ class ModelConfig:
     # Fields added after runs existed: left out of the run fingerprint while they hold their
     # default, so that a run started before they were added still resumes.
     LATE_FIELDS: ClassVar[tuple[str, ...]] = ("first_attn_norm", "local_attention", "global_every", "local_rope_theta",
-                                              "stem")
+                                              "stem", "embedding_dim")
 
 
 @dataclass
@@ -392,6 +393,7 @@ def validate(cfg: RunConfig) -> None:
         (d.block_size <= m.max_positions,
          f"data.block_size={d.block_size} is larger than model.max_positions={m.max_positions}; lower the block size or raise model.max_positions"),
         (m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}"),
+        (m.embedding_dim >= 0, f"model.embedding_dim must be >= 0 (0: model.dim), got {m.embedding_dim}"),
         (m.n_layers >= 1, "model.n_layers must be at least 1"),
         (m.norm in ("layernorm", "rmsnorm"), f"model.norm must be layernorm or rmsnorm, got '{m.norm}'"),
         (m.norm_position in ("pre", "post"), f"model.norm_position must be pre or post, got '{m.norm_position}'"),

@@ -17,15 +17,21 @@ class LMHead(nn.Module):
     Optionally a transform first (dense, activation, norm: the BERT MLM head), then the
     vocabulary projection, tied to the token embedding when ``tie_embeddings``. Callers
     that want logits only at some positions select those rows first (masked-only MLM).
+    The projection reads vectors as wide as the embedding (``embedding_dim``, when it is
+    set): the transform maps ``dim`` to that width (ELECTRA's generator head).
     """
 
     def __init__(self, cfg: ModelConfig, embedding: nn.Embedding) -> None:
         super().__init__()
         self.vocab_size = cfg.vocab_size
+        width = embedding.weight.shape[1]  # what the vocabulary projection reads
+        if width != cfg.dim and not cfg.head_transform:
+            raise ValueError(f"an LM head over {width}-wide embeddings from {cfg.dim}-wide states needs "
+                             "model.head_transform=true (its dense layer maps one width to the other)")
         if cfg.head_transform:
-            self.dense = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
+            self.dense = nn.Linear(cfg.dim, width, bias=cfg.bias)
             self.act = ACTIVATIONS[cfg.activation]
-            self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias)
+            self.norm = make_norm(cfg.norm, width, cfg.norm_eps, cfg.bias)
             nn.init.normal_(self.dense.weight, 0.0, cfg.init_std)
             if self.dense.bias is not None:
                 nn.init.zeros_(self.dense.bias)
@@ -35,7 +41,7 @@ class LMHead(nn.Module):
         if cfg.tie_embeddings:
             self.weight = embedding.weight
         else:
-            self.weight = nn.Parameter(torch.empty(rows, cfg.dim).normal_(0.0, cfg.init_std))
+            self.weight = nn.Parameter(torch.empty(rows, width).normal_(0.0, cfg.init_std))
         self.bias = nn.Parameter(torch.zeros(rows)) if cfg.head_bias else None
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:

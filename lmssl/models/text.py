@@ -15,7 +15,9 @@ class TextBackbone(nn.Module):
 
     Embeddings: tokens, plus learned or sin-cos absolute positions (RoPE lives in the
     core), plus token-type embeddings when ``type_vocab_size > 0``, then an optional norm
-    (BERT) and dropout, then the :class:`Transformer`.
+    (BERT) and dropout, then the :class:`Transformer`. With ``embedding_dim`` set (and not
+    ``dim``) the embeddings and their norm are ``embedding_dim`` wide and a linear map
+    (``embed_project``, ELECTRA's ``embeddings_project``) takes them to ``dim``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -23,18 +25,21 @@ class TextBackbone(nn.Module):
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is normally taken from the tokenizer)")
         self.cfg = cfg
-        self.tokens = TokenEmbedding(cfg.vocab_size, cfg.dim, cfg.pad_vocab_multiple)
-        self.positions = LearnedPositions(cfg.max_positions, cfg.dim) if cfg.positions == "learned" else None
+        width = cfg.embedding_dim or cfg.dim  # of the embeddings, before embed_project
+        self.tokens = TokenEmbedding(cfg.vocab_size, width, cfg.pad_vocab_multiple)
+        self.positions = LearnedPositions(cfg.max_positions, width) if cfg.positions == "learned" else None
         if cfg.positions == "sincos":
-            self.register_buffer("sincos", sincos_positions(cfg.max_positions, cfg.dim), persistent=False)
-        self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size > 0 else None
-        self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias) if cfg.embedding_norm else nn.Identity()
+            self.register_buffer("sincos", sincos_positions(cfg.max_positions, width), persistent=False)
+        self.token_types = nn.Embedding(cfg.type_vocab_size, width) if cfg.type_vocab_size > 0 else None
+        self.embed_norm = make_norm(cfg.norm, width, cfg.norm_eps, cfg.bias) if cfg.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
+        self.embed_project = nn.Linear(width, cfg.dim, bias=cfg.bias) if width != cfg.dim else None
         self.core = Transformer(cfg)
         init_weights(self, cfg)
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, T) -> (B, T, dim)`` embeddings before the core."""
+        """``(B, T) -> (B, T, dim)`` embeddings before the core (``(B, T, embedding_dim)``
+        before ``embed_project``)."""
         T = input_ids.shape[1]
         if T > self.cfg.max_positions:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_positions={self.cfg.max_positions}")
@@ -46,7 +51,8 @@ class TextBackbone(nn.Module):
         if self.token_types is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.token_types(types)
-        return self.drop(self.embed_norm(x))
+        x = self.drop(self.embed_norm(x))
+        return self.embed_project(x) if self.embed_project is not None else x
 
     def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
