@@ -9,6 +9,8 @@ dict whose names and shapes that class expects. Converters are registered per
     clm + llama  -> LlamaForCausalLM  (AutoModelForCausalLM)
     mlm + bert   -> BertForMaskedLM   (AutoModelForMaskedLM; AutoModel gives BertModel)
     mlm + modernbert -> ModernBertForMaskedLM (AutoModelForMaskedLM; AutoModel gives ModernBertModel)
+    electra + electra / bert -> ElectraForPreTraining (the discriminator; AutoModel gives ElectraModel),
+                     the generator as ElectraForMaskedLM in ``generator/``
     cpc + bert / modernbert -> BertModel / ModernBertModel (the segment encoder; the context network has no twin)
     mae + vit    -> ViTMAEForPreTraining (AutoModelForPreTraining; AutoModel gives ViTMAEModel)
     ijepa + vit  -> IJepaModel        (the target encoder: no class token, the sin-cos table as its positions)
@@ -78,7 +80,7 @@ class Converted:
 
 Converter = Callable[[nn.Module, RunConfig, object], Converted]
 REGISTRY: dict[tuple[str, str], tuple[Converter, bool]] = {}  # (objective, family) -> (converter, maps a head)
-FAMILIES = ("gpt2", "llama", "bert", "modernbert", "vit", "resnet", "custom")
+FAMILIES = ("gpt2", "llama", "bert", "modernbert", "electra", "vit", "resnet", "custom")
 
 
 def register(objective: str, family: str, head: bool = True) -> Callable[[Converter], Converter]:
@@ -143,15 +145,20 @@ _FIXED: dict[str, dict[str, object]] = {
                   embedding_norm=False, causal=True, **_NO_LOCAL),
     "bert": dict(norm="layernorm", norm_position="post", gated_mlp=False, positions="learned", bias=True,
                  embedding_norm=True, causal=False, **_NO_LOCAL),
+    # ELECTRA: BERT's layout, with embeddings model.embedding_dim wide projected to dim (embeddings_project)
+    "electra": dict(norm="layernorm", norm_position="post", gated_mlp=False, positions="learned", bias=True,
+                    embedding_norm=True, causal=False, **_NO_LOCAL),
     "modernbert": dict(norm="layernorm", norm_position="pre", gated_mlp=True, positions="rope", type_vocab_size=0,
                        embedding_norm=True, first_attn_norm=False, causal=False),
     "vit": dict(norm="layernorm", norm_position="pre", gated_mlp=False, positions="sincos", bias=True,
                 type_vocab_size=0, embedding_norm=False, causal=False, **_NO_LOCAL),
 }
+_PROJECTED_EMBEDDINGS = ("electra",)  # families whose embeddings may be narrower than dim (embeddings_project)
 _FIXED_HEAD: dict[str, dict[str, object]] = {
     "gpt2": dict(head_transform=False, head_bias=False),
     "llama": dict(head_transform=False, head_bias=False),
     "bert": dict(head_transform=True),
+    "electra": dict(head_transform=True),
     "modernbert": dict(head_transform=True),
     "vit": {},
 }
@@ -172,6 +179,9 @@ def check_family(m: ModelConfig, head: bool = True) -> list[str]:
                         "key/value head per query head")
     if m.dim % m.n_heads:
         problems.append(f"model.dim={m.dim} is not a multiple of model.n_heads={m.n_heads}")
+    if m.embedding_dim not in (0, m.dim) and m.family not in _PROJECTED_EMBEDDINGS:
+        problems.append(f"model.embedding_dim={m.embedding_dim} (embeddings projected to model.dim={m.dim}) but "
+                        f"{m.family} embeds at the hidden width; only {', '.join(_PROJECTED_EMBEDDINGS)} projects them")
     return problems
 
 
@@ -300,7 +310,7 @@ def bert_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbo
 
     A run without token-type embeddings gets one all-zero type row: BERT always adds one."""
     e = f"{dst}embeddings."
-    types = s.get(f"{src}token_types.weight", torch.zeros(1, m.dim))
+    types = s.get(f"{src}token_types.weight", torch.zeros(1, m.embedding_dim or m.dim))
     out = {e + "word_embeddings.weight": s[f"{src}tokens.weight"][: m.vocab_size],
            e + "position_embeddings.weight": s[f"{src}positions.weight"],
            e + "token_type_embeddings.weight": types,
@@ -823,3 +833,135 @@ def ijepa_model(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
     return Converted(transformers.IJepaModel, ijepa_config(cfg.model, cfg.vision),
                      ijepa_backbone_state(objective.backbone), "image-backbone", "image-feature-extraction", notes,
                      check=check_ijepa, usage=IJEPA_USAGE)
+
+
+# ----------------------------------------------------------------------------- ELECTRA
+
+
+def electra_backbone(s: dict[str, torch.Tensor], m: ModelConfig, src: str = "backbone.",
+                     dst: str = "") -> dict[str, torch.Tensor]:
+    """lmssl TextBackbone (ELECTRA family) -> ElectraModel names under ``dst``: BERT's layout
+    (``embeddings.*`` at ``embedding_dim``, ``encoder.layer.*``), plus ``embeddings_project``
+    when the embeddings are narrower (or wider) than ``dim``."""
+    out = bert_backbone(s, m, src, dst)
+    if (m.embedding_dim or m.dim) != m.dim:
+        _copy(out, s, f"{src}embed_project", f"{dst}embeddings_project", True)
+    return out
+
+
+def electra_config(m: ModelConfig, tokenizer, architecture: str):
+    """``ElectraConfig`` of the same shape as a TextBackbone of the ELECTRA (or BERT) family."""
+    from transformers import ElectraConfig
+
+    return ElectraConfig(vocab_size=m.vocab_size, embedding_size=m.embedding_dim or m.dim, hidden_size=m.dim,
+                         num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                         intermediate_size=_mlp_hidden(m), hidden_act=_ACT[m.activation],
+                         hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout,
+                         max_position_embeddings=m.max_positions, type_vocab_size=max(1, m.type_vocab_size),
+                         layer_norm_eps=m.norm_eps, initializer_range=m.init_std,
+                         pad_token_id=_token_ids(tokenizer)["pad_token_id"], tie_word_embeddings=True,
+                         architectures=[architecture])
+
+
+BACKBONES["electra"] = (electra_backbone, electra_config, "ElectraModel")
+
+
+def electra_generator(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """An ``lmssl.objectives.electra.Electra``'s generator -> ``ElectraForMaskedLM``: its blocks
+    and ``embeddings_project``, the shared embeddings, ``generator_predictions`` (dense to the
+    embedding width, GELU, LayerNorm) and the decoder tied to the token embedding, with its bias."""
+    import transformers
+
+    g = objective.gen_cfg
+    s = _state(objective)
+    sd = electra_backbone(s, g, src="generator.", dst="electra.")
+    _copy(sd, s, "generator_head.dense", "generator_predictions.dense", True)
+    _copy(sd, s, "generator_head.norm", "generator_predictions.LayerNorm", True)
+    sd["generator_lm_head.weight"] = _head_weight(s, g, "generator_head.")
+    sd["generator_lm_head.bias"] = s["generator_head.bias"][: g.vocab_size] if g.head_bias else torch.zeros(g.vocab_size)
+    return Converted(transformers.ElectraForMaskedLM, electra_config(g, tokenizer, "ElectraForMaskedLM"), sd,
+                     "masked-lm", "fill-mask")
+
+
+ELECTRA_USAGE = """from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+discriminator = AutoModelForPreTraining.from_pretrained("{name}")  # ElectraForPreTraining
+inputs = tokenizer("And God said, Let there be light", return_tensors="pt")
+replaced = discriminator(**inputs).logits > 0  # (1, tokens): True where a token looks replaced
+hidden = discriminator.electra(**inputs).last_hidden_state  # (1, tokens, dim); lmssl's features: hidden.mean(dim=1)
+
+generator = AutoModelForMaskedLM.from_pretrained("{name}", subfolder="generator")  # ElectraForMaskedLM
+# fine-tuning: AutoModelForSequenceClassification.from_pretrained("{name}") (ElectraForSequenceClassification)"""
+
+
+@register("electra", "bert", head=False)
+@register("electra", "electra", head=False)
+def electra_pretraining(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """ELECTRA: the discriminator as ``ElectraForPreTraining`` (``AutoModelForPreTraining``;
+    ``AutoModel`` gives ``ElectraModel``) and the generator as ``ElectraForMaskedLM`` in the
+    folder's ``generator/``. The exporter's one hook that runs once the folder exists is the
+    check, so :func:`check_electra` writes ``generator/`` there before it compares both
+    networks with the reloaded folders."""
+    import transformers
+
+    m = cfg.model
+    if m.activation != "gelu":
+        raise FamilyMismatch(f"model.activation={m.activation!r} but ElectraForMaskedLM's generator head applies exact "
+                             "GELU ('gelu'); train with model.activation=gelu")
+    s = _state(objective)
+    sd = electra_backbone(s, m, dst="electra.")
+    _copy(sd, s, "detector.dense", "discriminator_predictions.dense", True)
+    _copy(sd, s, "detector.out", "discriminator_predictions.dense_prediction", True)
+    generator = electra_generator(objective, cfg, tokenizer)
+    g = objective.gen_cfg
+    notes = [f"`generator/` holds the generator, a {g.n_layers}-layer, {g.dim}-wide `ElectraForMaskedLM` that shares "
+             "the discriminator's embeddings (load it with `subfolder=\"generator\"`); the discriminator is the model "
+             "to fine-tune",
+             "lmssl's features for this run are the mean of the discriminator's `last_hidden_state` over the tokens",
+             "`AutoModelForSequenceClassification` gives `ElectraForSequenceClassification`, whose fresh classifier "
+             "reads the first token; this model was pretrained on packed text with no class token in front"]
+    return Converted(transformers.ElectraForPreTraining, electra_config(m, tokenizer, "ElectraForPreTraining"), sd,
+                     "pretraining", "feature-extraction", notes, usage=ELECTRA_USAGE,
+                     check=lambda obj, c, folder: check_electra(obj, c, folder, generator))
+
+
+@torch.no_grad()
+def check_electra(objective: nn.Module, cfg: RunConfig, folder, generator: Converted) -> dict[str, float]:
+    """Write ``generator`` (and a copy of the tokenizer) into ``folder/generator``, then reload
+    both folders with the Auto classes and compare with the lmssl networks on the probe batch,
+    in float32: discriminator logits, discriminator hidden states, generator logits."""
+    import shutil
+
+    import transformers
+
+    from lmssl.export.core import build_model, probe_batch
+
+    folder = Path(folder)
+    sub = folder / "generator"
+    sub.mkdir(exist_ok=True)
+    model = build_model(generator)
+    model.save_pretrained(str(sub))
+    del model
+    for f in folder.iterdir():
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(f, sub / f.name)
+
+    ids, mask = probe_batch(cfg)
+    real = mask.bool()
+    V = cfg.model.vocab_size
+
+    def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float()[real] - b.float()[real]).abs().max())
+
+    checks = {}
+    model = transformers.AutoModelForPreTraining.from_pretrained(str(folder), dtype=torch.float32).eval()
+    theirs = model(input_ids=ids, attention_mask=mask).logits  # (B, T)
+    checks[f"discriminator logits ({type(model).__name__})"] = diff(objective.discriminator_logits(ids, mask), theirs)
+    model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    theirs = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, dim)
+    checks["discriminator hidden states (AutoModel)"] = diff(objective.hidden(ids, mask), theirs)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(str(sub), dtype=torch.float32).eval()
+    theirs = model(input_ids=ids, attention_mask=mask).logits[..., :V]  # (B, T, V)
+    checks[f"generator logits ({type(model).__name__}, generator/)"] = diff(objective.generator_logits(ids, mask), theirs)
+    return checks
