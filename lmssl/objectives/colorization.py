@@ -131,19 +131,14 @@ class Colorization(ImageObjective):
                        "vision.image_column=image", "vision.image_size=28")
 
     def __init__(self, cfg) -> None:
-        super().__init__(cfg, cfg.model.dim)
+        super().__init__(cfg, backbone=VisionBackbone(cfg.model, cfg.vision))
         c = cfg.colorization
         self.col = c
-        self.backbone = VisionBackbone(cfg.model, cfg.vision)
         self.register_buffer("bins", ab_bins(c.bin_size))  # (Q, 2), kept with the run
         self.cells = (cfg.vision.patch_size // c.stride) ** 2  # colours per token
         self.head = MLPHead(cfg.model.dim, c.head_hidden, self.cells * len(self.bins), c.head_layers, batch_norm=False)
         self.register_buffer("rgb_mean", torch.tensor(cfg.vision.mean)[:, None, None], persistent=False)
         self.register_buffer("rgb_std", torch.tensor(cfg.vision.std)[:, None, None], persistent=False)
-
-    @classmethod
-    def build(cls, cfg, tokenizer=None) -> Colorization:
-        return cls(cfg)
 
     @classmethod
     def validate_config(cls, cfg) -> None:

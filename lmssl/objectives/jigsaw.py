@@ -22,11 +22,11 @@ The permutation set
 Not all 9! = 362,880 orders: ``jigsaw.permutations`` of them, chosen by the paper's greedy algorithm for
 a maximal Hamming distance (:func:`hamming_permutations`): start from a uniformly drawn permutation,
 then repeatedly add the remaining permutation whose summed Hamming distance to those already chosen is
-largest, so that any two puzzles of the set differ in many tile positions (the paper found the task
-useful only when the permutations are far apart). Ties, which the paper leaves open, go to the larger
-minimum distance to the chosen ones, then to a seeded random draw. The set is drawn from ``train.seed``
-and kept as a persistent buffer (``permutations``, ``(N, 9)`` int64) in the state dict, so that resume,
-``lmssl probe`` and any reload read the puzzles of the run that made the checkpoint.
+largest, so that any two puzzles of the set differ in many tile positions (in the paper's ablation,
+sets of a larger average distance gave better features). Ties, which the paper leaves open, go to the
+larger minimum distance to the chosen ones, then to a seeded random draw. The set is drawn from
+``train.seed`` and kept as a persistent buffer (``permutations``, ``(N, 9)`` int64) in the state dict,
+so that resume, ``lmssl probe`` and any reload read the puzzles of the run that made the checkpoint.
 
 Shortcuts, and how each is blocked
 ----------------------------------
@@ -152,20 +152,15 @@ class Jigsaw(PretextObjective):
                        "jigsaw.permutations=10")
 
     def __init__(self, cfg) -> None:
-        backbone = image_backbone(cfg.model, cfg.vision)
-        super().__init__(cfg, backbone.dim)
+        super().__init__(cfg, backbone=image_backbone(cfg.model, cfg.vision))
+        backbone = self.backbone
         self.jig, self.seed = cfg.jigsaw, cfg.train.seed
-        self.backbone = backbone
         self.register_buffer("permutations", hamming_permutations(self.jig.permutations, self.seed))  # (N, 9)
         self.head = MLPHead(TILES * backbone.dim, self.jig.head_hidden, self.jig.permutations, self.jig.head_layers)
 
     @property
     def num_classes(self) -> int:
         return self.jig.permutations
-
-    @classmethod
-    def build(cls, cfg, tokenizer=None) -> Jigsaw:
-        return cls(cfg)
 
     @classmethod
     def validate_config(cls, cfg) -> None:

@@ -86,19 +86,14 @@ class RelativePosition(PretextObjective):
     smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "relative_position.head_layers=1")
 
     def __init__(self, cfg) -> None:
-        backbone = image_backbone(cfg.model, cfg.vision)
-        super().__init__(cfg, backbone.dim)
+        super().__init__(cfg, backbone=image_backbone(cfg.model, cfg.vision))
+        backbone = self.backbone
         self.rp, self.seed = cfg.relative_position, cfg.train.seed
-        self.backbone = backbone
         self.head = MLPHead(2 * backbone.dim, self.rp.head_hidden, len(NEIGHBOURS), self.rp.head_layers)
 
     @property
     def num_classes(self) -> int:
         return len(NEIGHBOURS)
-
-    @classmethod
-    def build(cls, cfg, tokenizer=None) -> RelativePosition:
-        return cls(cfg)
 
     @staticmethod
     def extent(rp: RelativePositionConfig) -> int:

@@ -93,19 +93,14 @@ class Rotation(PretextObjective):
     smoke_overrides = ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "rotation.head_hidden=64")
 
     def __init__(self, cfg) -> None:
-        backbone = image_backbone(cfg.model, cfg.vision)
-        super().__init__(cfg, backbone.dim)
+        super().__init__(cfg, backbone=image_backbone(cfg.model, cfg.vision))
+        backbone = self.backbone
         self.rot, self.seed = cfg.rotation, cfg.train.seed
-        self.backbone = backbone
         self.head = MLPHead(backbone.dim, self.rot.head_hidden, 4, self.rot.head_layers)
 
     @property
     def num_classes(self) -> int:
         return 4
-
-    @classmethod
-    def build(cls, cfg, tokenizer=None) -> Rotation:
-        return cls(cfg)
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -124,7 +119,8 @@ class Rotation(PretextObjective):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         labels = draws["label"].to(images.device)  # (B, R)
         R = labels.shape[1]
-        turned = rotate_quarter_turns(images.repeat_interleave(R, dim=0), labels.reshape(-1))  # (B * R, C, S, S)
+        copies = images.repeat_interleave(R, dim=0) if R > 1 else images  # (B * R, C, S, S)
+        turned = rotate_quarter_turns(copies, labels.reshape(-1))
         return self.head(self.embed(turned)), labels.reshape(-1)  # (B * R, 4), (B * R,)
 
     def flops_per_sample(self) -> float:
