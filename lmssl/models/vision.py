@@ -12,7 +12,7 @@ from torch import nn
 from lmssl.config import ModelConfig, VisionConfig
 from lmssl.masking import gather_tokens
 from lmssl.models.transformer import Transformer, init_weights
-from lmssl.nn import PatchEmbedding, patchify, sincos_positions_2d
+from lmssl.nn import PatchEmbedding, make_norm, patchify, sincos_positions_2d
 
 
 class VisionBackbone(nn.Module):
@@ -21,9 +21,10 @@ class VisionBackbone(nn.Module):
 
     Row 0 is the class token. Patches are embedded by :class:`PatchEmbedding` and get fixed
     2-D sin-cos positions (``model.positions`` must be ``sincos``); the class token has
-    none. The core is bidirectional. ``cls_token=False`` builds the ViT without a class
-    token (I-JEPA's): the rows are the patches alone, ``(B, N or K, dim)``, and only
-    ``pooled(images, "mean")`` applies.
+    none. With ``model.embedding_norm`` a norm runs over ``[cls, patches]`` before the core
+    (CLIP's ViT: its ``ln_pre``); off by default. The core is bidirectional.
+    ``cls_token=False`` builds the ViT without a class token (I-JEPA's): the rows are the
+    patches alone, ``(B, N or K, dim)``, and only ``pooled(images, "mean")`` applies.
 
     Images of another size than ``vision.image_size`` (a multiple of the patch size: DINO's
     local crops, fine-tuning at a higher resolution) get the sin-cos positions of the
@@ -45,6 +46,7 @@ class VisionBackbone(nn.Module):
         self.register_buffer("positions", sincos_positions_2d(*self.grid, cfg.dim), persistent=False)  # (N, dim)
         self._other_grids: dict[tuple[int, int], torch.Tensor] = {}  # (gh, gw) -> (gh * gw, dim), CPU float32
         self.cls = nn.Parameter(torch.zeros(cfg.dim)) if cls_token else None
+        self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.core = Transformer(cfg)
         init_weights(self, cfg)
@@ -103,8 +105,12 @@ class VisionBackbone(nn.Module):
         return self.encode(self.embed(images, keep_idx))
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The core over ``[cls, tokens]``: ``(B, L, dim) -> (B, prefix + L, dim)``."""
-        return self.core(self.drop(self.with_cls(tokens)), is_causal=False)
+        """The core over ``[cls, tokens]`` (normed first with ``model.embedding_norm``):
+        ``(B, L, dim) -> (B, prefix + L, dim)``."""
+        x = self.with_cls(tokens)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return self.core(self.drop(x), is_causal=False)
 
     def pooled(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """``images (B, C, H, W) -> (B, dim)``: the class token's final state (``cls``) or the
