@@ -21,6 +21,7 @@ COMMANDS = {
     "finetune": ("lmssl.finetune", "fine-tune a run or a transformers checkpoint on a labelled text task"),
     "probe": ("lmssl.probe", "linear probe and k-NN of frozen features beside the same network at initialisation"),
     "bench": ("lmssl.bench", "time lmssl against the transformers model of the same shape"),
+    "zero-shot": ("lmssl.zero_shot", "classify images by label prompts with a CLIP run (default: its held-out set)"),
 }
 
 
@@ -92,7 +93,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def print_summary(cfg, result: dict) -> None:
-    unit = "images" if "images_seen" in result else "tokens"
+    unit = next((u for u in ("images", "pairs") if f"{u}_seen" in result), "tokens")
     lines = ["", f"== {cfg.objective} run {cfg.train.output_dir}: step {result['step']}, "
                  f"{result.get(f'{unit}_seen', 0):,} {unit} seen =="]
     named = {"eval_loss": "held-out loss", "eval_perplexity": "perplexity", "eval_bits_per_byte": "bits per byte",
