@@ -13,7 +13,8 @@ import yaml
 from lmssl import objectives
 from lmssl.config import RunConfig
 
-BUNDLED_DATASET = {"text": "kjv-bible", "images": "fashion_mnist"}  # the bundled data (lmssl/data)
+# the bundled data (lmssl/data)
+BUNDLED_DATASET = {"text": "kjv-bible", "images": "fashion_mnist", "image_text": "noto-emoji-cldr"}
 AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM", "backbone": "AutoModel",
                 "mae": "AutoModelForPreTraining", "image-backbone": "AutoModel"}
 
@@ -38,6 +39,7 @@ class CardFacts:
     probe_table: str = ""  # the run's `lmssl probe` table (probe.json), when it was probed
     load_snippet: str = ""  # replaces the transformers snippet (lmssl-format exports)
     usage: str = ""  # the converter's "How to use" code ({name}: the folder or Hub name); "": the text default
+    extra: str = ""  # the converter's own markdown section (CLIP: the zero-shot table), after the metrics
 
 
 def datasets_of(cfg: RunConfig) -> tuple[list[str], str]:
@@ -51,6 +53,9 @@ def datasets_of(cfg: RunConfig) -> tuple[list[str], str]:
         return [d.dataset], desc
     if cfg.modality == "images":
         return [BUNDLED_DATASET["images"]], "the Fashion-MNIST subset bundled with lmssl (Zalando Research, MIT)"
+    if cfg.modality == "image_text":
+        return [BUNDLED_DATASET["image_text"]], ("the emoji pairs bundled with lmssl (Noto Color Emoji, OFL-1.1; "
+                                                 "CLDR names and keywords, Unicode licence)")
     return [BUNDLED_DATASET["text"]], "the King James Version of the Bible bundled with lmssl (public domain)"
 
 
@@ -112,7 +117,15 @@ def render(facts: CardFacts, name: str) -> str:
     if facts.notes:
         out += ["Notes:", ""] + [f"- {n}" for n in facts.notes] + [""]
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    if cfg.modality == "images":
+    if cfg.modality == "image_text":
+        v, t = cfg.vision, cfg.clip.text
+        inputs = [f"- image tower: {m.family}, {m.n_layers} layers, width {m.dim}; images "
+                  f"{v.image_size}x{v.image_size}, {v.patch_size}x{v.patch_size} patches",
+                  f"- text tower: {t.n_layers} layers, width {t.dim}; tokenizer `{cfg.data.tokenizer}` ({t.vocab_size} "
+                  f"tokens), captions of at most {cfg.data.block_size} tokens",
+                  f"- optimizer steps: {facts.step:,} ({per_step} image-caption pairs per step on each process)",
+                  f"- pairs seen: {facts.tokens_seen:,}"]
+    elif cfg.modality == "images":
         v = cfg.vision
         inputs = [f"- images: {v.image_size}x{v.image_size}, {v.channels} channel(s), {v.patch_size}x{v.patch_size} "
                   "patches",
@@ -129,6 +142,8 @@ def render(facts: CardFacts, name: str) -> str:
         out += ["Final metrics:", "", "| metric | value |", "|---|---|"]
         out += [f"| {k} | {_fmt(v)} |" for k, v in facts.metrics.items()]
         out.append("")
+    if facts.extra:
+        out += [facts.extra.rstrip(), ""]
     if facts.loss_curve:
         out += [f"![loss curve]({facts.loss_curve})", ""]
     if facts.probe_table:

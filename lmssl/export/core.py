@@ -92,12 +92,15 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
             result = ExportResult(out_dir, "lmssl TextBackbone", "native", checks)
             n_params = sum(p.numel() for p in objective.backbone.parameters())
             pipeline_tag, notes, usage = None, [], ""
+            card_extra = ""
         else:
             conv = converter(objective, cfg, tokenizer)
             for name, state in conv.extra_files.items():
                 from lmssl.runs.checkpoint import save_weights
 
                 save_weights(state, tmp / name)
+            if conv.write is not None:
+                conv.write(tmp)
             if conv.model_class is None:  # no transformers class: the extra files are the export
                 n_params = sum(p.numel() for p in objective.backbone.parameters())
             else:
@@ -118,6 +121,7 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
                 ", ".join(f"`{n}`" for n in conv.extra_files)
             result = ExportResult(out_dir, architecture, conv.kind, checks)
             pipeline_tag, notes, usage = conv.pipeline_tag, conv.notes, conv.usage
+            card_extra = conv.card
         for name, diff in checks.items():
             log(f"export check: {name}: max |diff| {diff:.3g}")
         worst = max(checks.values())
@@ -129,7 +133,7 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
         if curve is not None and curve.is_file():
             shutil.copyfile(curve, tmp / "loss_curve.png")
         facts = _card_facts(run_dir, cfg, result, n_params, license, pipeline_tag, notes,
-                            "loss_curve.png" if curve is not None and curve.is_file() else None, usage)
+                            "loss_curve.png" if curve is not None and curve.is_file() else None, usage, card_extra)
         (tmp / "README.md").write_text(render(facts, card_name or out_dir.name), encoding="utf-8")
         _readable(tmp)
         move_into_place(tmp, out_dir)
@@ -144,14 +148,14 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
 
 def _read_run(run_dir: Path) -> RunConfig:
     """The run's config, after checking that it is a run with a loadable tokenizer (text runs)."""
-    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.data.tokenizer import resolve_tokenizer
     from lmssl.runs import read_run_config
 
     cfg = read_run_config(run_dir)
     if cfg.modality == "images":  # images: no tokenizer to ship
         return cfg
     try:
-        load_tokenizer(cfg.data.tokenizer)
+        resolve_tokenizer(cfg, run_dir, may_train=False)
     except UserError as e:
         raise UserError(f"the run's tokenizer '{cfg.data.tokenizer}' cannot be loaded ({e}); the export ships the "
                         "tokenizer, so restore it at that path and export again") from None
@@ -315,7 +319,8 @@ def _verify_native(objective: nn.Module, cfg: RunConfig, tokenizer, folder: Path
 
 
 def _card_facts(run_dir: Path | None, cfg: RunConfig, result: ExportResult, n_params: int, license: str,
-                pipeline_tag: str | None, notes: list[str], loss_curve: str | None, usage: str = "") -> CardFacts:
+                pipeline_tag: str | None, notes: list[str], loss_curve: str | None, usage: str = "",
+                extra: str = "") -> CardFacts:
     from lmssl.runs import checkpoint as ckpt
 
     c = ckpt.find_resumable(run_dir, log=lambda msg: None) if run_dir is not None else None
@@ -346,4 +351,4 @@ def _card_facts(run_dir: Path | None, cfg: RunConfig, result: ExportResult, n_pa
                      tokens_seen=int(state.get("tokens_seen", 0)), metrics=shown, n_params=n_params, license=license,
                      architecture=result.architecture, kind=result.kind, pipeline_tag=pipeline_tag,
                      checks=result.checks, loss_curve=loss_curve, notes=notes, load_snippet=load_snippet,
-                     usage=usage, probe_table=probe_table)
+                     usage=usage, probe_table=probe_table, extra=extra)

@@ -15,6 +15,7 @@ dict whose names and shapes that class expects. Converters are registered per
     mae + vit    -> ViTMAEForPreTraining (AutoModelForPreTraining; AutoModel gives ViTMAEModel)
     ijepa + vit  -> IJepaModel        (the target encoder: no class token, the sin-cos table as its positions)
     *   + vit    -> ViTModel          (the backbone of every image objective without a converter of its own)
+    clip + vit   -> CLIPModel + CLIPProcessor (both towers, checked by the converter's own config_problems)
 
 Any registered folder also loads with ``AutoModel`` as the bare backbone (GPT2Model,
 LlamaModel, BertModel, ModernBertModel). An objective whose useful product is the backbone alone (CPC)
@@ -75,6 +76,10 @@ class Converted:
     usage: str = ""  # the "How to use" code of the model card, with {name} for the folder/Hub name; "": the text default
     # more safetensors files written beside the model (name -> state dict), e.g. a ResNet's torchvision weights
     extra_files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # ``write(folder)``: more files the converter writes itself, after the tokenizer and before the
+    # model (CLIP's processor: the image processor beside the tokenizer, which it rewrites)
+    write: Callable[[Path], None] | None = None
+    card: str = ""  # more markdown for the model card (CLIP: its zero-shot table)
     probe_length: int = 32  # tokens per row of the verification batch (longer than a local-attention window)
 
 
@@ -120,7 +125,10 @@ def find_converter(cfg: RunConfig) -> Converter:
         raise NoExactTwin(f"no exact transformers equivalent for objective '{objective}' with family '{family}' "
                           f"(exact twins: {pairs})")
     converter, head = REGISTRY[key]
-    problems = check_family(cfg.model, head)
+    # a converter may check the run's config itself (``converter.config_problems(cfg) -> [str]``),
+    # e.g. CLIP, whose two towers each have their own layout; the others are checked by family
+    own_check = getattr(converter, "config_problems", None)
+    problems = own_check(cfg) if own_check is not None else check_family(cfg.model, head)
     if problems:
         raise FamilyMismatch(f"no exact transformers equivalent for this '{family}' run: {problems[0]}"
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -965,3 +973,308 @@ def check_electra(objective: nn.Module, cfg: RunConfig, folder, generator: Conve
     theirs = model(input_ids=ids, attention_mask=mask).logits[..., :V]  # (B, T, V)
     checks[f"generator logits ({type(model).__name__}, generator/)"] = diff(objective.generator_logits(ids, mask), theirs)
     return checks
+
+
+# ----------------------------------------------------------------------------- CLIP (image-text)
+
+# lmssl block -> CLIPEncoderLayer names (both towers)
+_CLIP_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+               "attn.proj": "self_attn.out_proj", "norm1": "layer_norm1", "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+# exact activations: CLIPMLP calls ACT2FN[hidden_act]
+_ACT_EXACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
+
+
+def clip_config_problems(cfg: RunConfig) -> list[str]:
+    """Every way a CLIP run's two towers differ from ``CLIPModel`` (empty: an exact twin).
+
+    Both towers: pre-norm LayerNorm blocks with an ungated MLP, one key/value head per query
+    head, every block global. The image tower (``model``): a ViT with the LayerNorm before its
+    encoder (``model.embedding_norm=true``, CLIP's ``pre_layrnorm``), pooled at its class token;
+    its sin-cos positions are written into CLIP's learned table. The text tower (``clip.text``):
+    learned, sin-cos or no absolute positions (a learned table either way), no embedding norm,
+    no token types. Missing biases are exported as zeros."""
+    c, v, t = cfg.clip, cfg.model, cfg.clip.text
+    problems = []
+    for m, key, tower in ((v, "model", "vision"), (t, "clip.text", "text")):
+        need = dict(norm="layernorm", norm_position="pre", gated_mlp=False, first_attn_norm=True, local_attention=0)
+        need |= dict(family="vit", positions="sincos", embedding_norm=True) if tower == "vision" else \
+            dict(embedding_norm=False, type_vocab_size=0)
+        for k, want in need.items():
+            if getattr(m, k) != want:
+                hint = " (CLIP's LayerNorm before the encoder, pre_layrnorm)" if k == "embedding_norm" and want else ""
+                problems.append(f"{key}.{k}={getattr(m, k)!r} but CLIP's {tower} tower needs {want!r}{hint}")
+        if tower == "text" and m.positions not in ("learned", "sincos", "none"):
+            problems.append(f"clip.text.positions={m.positions!r} but CLIP's text tower has absolute positions "
+                            "(learned, sincos or none)")
+        if m.n_kv_heads not in (0, m.n_heads):
+            problems.append(f"{key}.n_kv_heads={m.n_kv_heads} (grouped-query attention) but CLIP has one key/value "
+                            "head per query head")
+        if getattr(m, "embedding_dim", 0) not in (0, m.dim):
+            problems.append(f"{key}.embedding_dim={m.embedding_dim} but CLIP's embeddings are as wide as the blocks")
+        if m.activation not in _ACT_EXACT:
+            problems.append(f"{key}.activation={m.activation!r} has no transformers twin")
+    if c.image_pool != "cls":
+        problems.append(f"clip.image_pool={c.image_pool!r} but CLIPVisionModel pools the class token (cls)")
+    return problems
+
+
+def _state_with_biases(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with a zero bias for every Linear and LayerNorm built without one."""
+    s = _state(module)
+    for name, m in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.Linear) and m.bias is None:
+            s[f"{prefix}bias"] = torch.zeros(m.out_features)
+        elif isinstance(m, nn.LayerNorm) and m.bias is None:
+            s[f"{prefix}bias"] = torch.zeros(m.normalized_shape)
+    return s
+
+
+def clip_state_dict(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """An ``lmssl.objectives.clip.CLIP`` -> ``CLIPModel`` names.
+
+    Vision: the patch embedding's ``(dim, p * p * C)`` weight becomes the bias-free convolution;
+    its bias (constant over patches) is added to the sin-cos rows of the position table, whose
+    class-token row is zero (the class token has no position in lmssl); ``embed_norm`` is
+    ``pre_layrnorm``, the core's final norm ``post_layernorm`` (lmssl norms every token, CLIP
+    only the pooled class token: the same vector). Text: the first ``vocab_size`` embedding rows;
+    the position table as it is (sin-cos written into it, zeros without positions); the core's
+    final norm is ``final_layer_norm``. The logit scale is written clamped."""
+    from lmssl.nn import sincos_positions, sincos_positions_2d
+
+    vis, txt = objective.backbone, objective.text
+    vm, tm = vis.cfg, txt.cfg
+    sv, st = _state_with_biases(vis), _state_with_biases(txt)
+    p, C = vis.vision.patch_size, vis.vision.channels
+    table = torch.cat([torch.zeros(1, vm.dim), sincos_positions_2d(*vis.grid, vm.dim) + sv["patches.bias"]])
+    out = {"vision_model.embeddings.class_embedding": sv["cls"],
+           "vision_model.embeddings.patch_embedding.weight":
+               sv["patches.weight"].view(vm.dim, p, p, C).permute(0, 3, 1, 2).contiguous(),
+           "vision_model.embeddings.position_embedding.weight": table,
+           "vision_model.pre_layrnorm.weight": sv["embed_norm.weight"],
+           "vision_model.pre_layrnorm.bias": sv["embed_norm.bias"],
+           "vision_model.post_layernorm.weight": sv["core.norm.weight"],
+           "vision_model.post_layernorm.bias": sv["core.norm.bias"]}
+    out |= _blocks(sv, vm, "core.blocks.", "vision_model.encoder.layers.", _CLIP_LAYER)
+    if tm.positions == "learned":
+        positions = st["positions.weight"]
+    elif tm.positions == "sincos":
+        positions = sincos_positions(tm.max_positions, tm.dim)
+    else:
+        positions = torch.zeros(tm.max_positions, tm.dim)
+    out |= {"text_model.embeddings.token_embedding.weight": st["tokens.weight"][: tm.vocab_size],
+            "text_model.embeddings.position_embedding.weight": positions,
+            "text_model.final_layer_norm.weight": st["core.norm.weight"],
+            "text_model.final_layer_norm.bias": st["core.norm.bias"]}
+    out |= _blocks(st, tm, "core.blocks.", "text_model.encoder.layers.", _CLIP_LAYER)
+    out |= {"visual_projection.weight": objective.image_projection.weight.detach().float().cpu(),
+            "text_projection.weight": objective.text_projection.weight.detach().float().cpu(),
+            "logit_scale": objective.logit_scale().detach().float().cpu().log().reshape(())}  # () clamped
+    return out
+
+
+def clip_config(cfg: RunConfig, tokenizer, logit_scale: float):
+    """``CLIPConfig`` of the two towers' shapes; the text config's ``eos_token_id`` is the
+    end-of-text id the captions end with (what ``CLIPTextModel`` pools)."""
+    import math
+
+    from transformers import CLIPConfig
+
+    from lmssl.data.pairs import text_specials
+    from lmssl.models.transformer import mlp_hidden
+
+    start, end, pad = text_specials(tokenizer)
+    v, t, c = cfg.model, cfg.clip.text, cfg.clip
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.dim, intermediate_size=mlp_hidden(t),
+                num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads, max_position_embeddings=t.max_positions,
+                hidden_act=_ACT_EXACT[t.activation],
+                layer_norm_eps=t.norm_eps, attention_dropout=t.dropout, initializer_range=t.init_std,
+                projection_dim=c.embed_dim, pad_token_id=pad, bos_token_id=start if start is not None else end,
+                eos_token_id=end)
+    vision = dict(hidden_size=v.dim, intermediate_size=mlp_hidden(v), num_hidden_layers=v.n_layers,
+                  num_attention_heads=v.n_heads, num_channels=cfg.vision.channels, image_size=cfg.vision.image_size,
+                  patch_size=cfg.vision.patch_size, hidden_act=_ACT_EXACT[v.activation], layer_norm_eps=v.norm_eps,
+                  attention_dropout=v.dropout, initializer_range=v.init_std, projection_dim=c.embed_dim)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=c.embed_dim,
+                      logit_scale_init_value=math.log(logit_scale), architectures=["CLIPModel"])
+
+
+def clip_processor(cfg: RunConfig, tokenizer):
+    """``CLIPProcessor``: a copy of the run's tokenizer whose post-processor adds the start
+    (when the tokenizer has one distinct from its end) and end-of-text tokens and which cuts
+    captions to ``data.block_size`` tokens, padding on the right, so that ``processor(text=...)``
+    gives the ids the run trained on; and a ``CLIPImageProcessor`` that converts to RGB, resizes
+    the shorter side to ``vision.image_size`` (bicubic), takes the centred square, scales to
+    [0, 1] and normalises with the run's mean and std, as lmssl's evaluation does."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import CLIPProcessor
+
+    from lmssl.data.pairs import text_specials
+    from lmssl.export.core import quiet_transformers
+
+    start, end, pad = text_specials(tokenizer)
+    tok = copy.deepcopy(tokenizer)
+    names = {i: tok.convert_ids_to_tokens(i) for i in (start, end) if i is not None}
+    single = " ".join(([names[start]] if start is not None else []) + ["$A", names[end]])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(name, i) for i, name in names.items()])
+    tok.model_max_length = cfg.data.block_size
+    tok.padding_side = "right"
+    if tok.pad_token_id is None:
+        tok.pad_token = names[end]
+    v = cfg.vision
+    with quiet_transformers():  # "torchvision not installed: the PIL backend is used" is fine here
+        from transformers import CLIPImageProcessor
+
+        images = CLIPImageProcessor(do_resize=True, size={"shortest_edge": v.image_size}, resample=3,
+                                    do_center_crop=True, crop_size={"height": v.image_size, "width": v.image_size},
+                                    do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                    image_mean=list(v.mean), image_std=list(v.std), do_convert_rgb=v.channels == 3)
+    return CLIPProcessor(image_processor=images, tokenizer=tok)
+
+
+def save_clip_processor(cfg: RunConfig, tokenizer, folder) -> None:
+    """Write :func:`clip_processor` into ``folder`` (replacing the plain tokenizer files there)."""
+    from lmssl.data.tokenizer import _save
+    from lmssl.export.core import quiet_transformers
+
+    processor = clip_processor(cfg, tokenizer)
+    with quiet_transformers():
+        processor.save_pretrained(str(folder))
+    _save(processor.tokenizer, Path(folder))  # the tokenizer_config both transformers 4 and 5 load
+
+
+def _random_pictures(cfg: RunConfig, n: int = 3) -> torch.Tensor:
+    """``(n, C, S, S)`` uint8 pictures with structure (colour blocks and noise) at the training size."""
+    v = cfg.vision
+    g = torch.Generator().manual_seed(4321)
+    blocks = torch.randint(0, 256, (n, v.channels, 4, 4), generator=g, dtype=torch.uint8)
+    big = blocks.repeat_interleave(v.image_size // 4 + 1, 2).repeat_interleave(v.image_size // 4 + 1, 3)
+    noise = torch.randint(-20, 21, (n, v.channels, v.image_size, v.image_size), generator=g)
+    return (big[..., : v.image_size, : v.image_size].int() + noise).clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def check_clip(objective: nn.Module, cfg: RunConfig, folder) -> dict[str, float]:
+    """Reload ``folder`` with ``AutoModel`` (``CLIPModel``) and ``AutoProcessor`` and compare,
+    in float32: the processor's ids with lmssl's for a few captions (count of differing ids),
+    its pixels with lmssl's for pictures at the training size, and the image embeddings, the
+    text embeddings (right- and left-padded) and ``logits_per_image`` of both models."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from lmssl.data.pairs import encode_captions, text_specials
+
+    tokenizer = objective.tokenizer
+    model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(str(folder))
+    texts = [objective.clip.template.format("red heart"), "grinning face, grin", "a",
+             "word " * (2 * cfg.data.block_size)]  # the last one is cut to the caption length
+    ids, mask = encode_captions(tokenizer, texts, cfg.data.block_size)
+    theirs = processor(text=texts, padding=True, truncation=True, return_tensors="pt")
+    checks = {"caption ids (CLIPProcessor vs lmssl; ids that differ)":
+              float((theirs["input_ids"] != ids).sum()) if theirs["input_ids"].shape == ids.shape else float("inf")}
+    pictures = _random_pictures(cfg)  # (n, C, S, S) uint8
+    pixels = objective.plain_images({"images": pictures})  # (n, C, S, S) normalised
+    v = cfg.vision
+    if v.load_size in (0, v.image_size):  # lmssl decodes at the training size: one resize, as the processor does
+        pil = [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).numpy().squeeze())) for p in pictures]
+        theirs = processor(images=pil, return_tensors="pt")["pixel_values"]
+        checks["pixel values (CLIPImageProcessor)"] = float((theirs - pixels).abs().max())
+    image = objective.image_projection(objective.encode_image(pixels))
+    checks["image embeds (get_image_features)"] = float((model.get_image_features(pixel_values=pixels).pooler_output
+                                                        - image).abs().max())
+    text = objective.text_projection(objective.encode_text(ids, mask))
+    checks["text embeds (get_text_features)"] = float((model.get_text_features(input_ids=ids, attention_mask=mask)
+                                                       .pooler_output - text).abs().max())
+    # left padding: the rows shifted right, padding in front; both models pool the end-of-text token
+    _, _, pad = text_specials(tokenizer)
+    lengths = mask.sum(dim=1)
+    left_ids, left_mask = torch.full_like(ids, pad), torch.zeros_like(mask)
+    for i, n in enumerate(lengths.tolist()):
+        left_ids[i, ids.shape[1] - n:], left_mask[i, ids.shape[1] - n:] = ids[i, :n], 1
+    ours_left = objective.text_projection(objective.encode_text(left_ids, left_mask))
+    checks["text embeds, left padding (get_text_features)"] = float(
+        (model.get_text_features(input_ids=left_ids, attention_mask=left_mask).pooler_output - ours_left).abs().max())
+    n = min(len(pixels), len(texts))
+    img_n, txt_n = nn.functional.normalize(image[:n], dim=-1), nn.functional.normalize(text[:n], dim=-1)
+    ours = objective.logit_scale() * img_n @ txt_n.T
+    out = model(input_ids=ids[:n], attention_mask=mask[:n], pixel_values=pixels[:n])
+    checks["logits_per_image (CLIPModel)"] = float((out.logits_per_image - ours).abs().max())
+    return checks
+
+
+CLIP_USAGE = """from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{name}")  # CLIPModel
+processor = AutoProcessor.from_pretrained("{name}")  # CLIPProcessor: the tokenizer and the image processor
+labels = ["red heart", "grinning face", "cat face"]
+inputs = processor(text=[{template!r}.format(label) for label in labels], images=Image.open("emoji.png"),
+                   return_tensors="pt", padding=True)
+probs = model(**inputs).logits_per_image.softmax(dim=1)  # (1, 3): the image against each label"""
+
+
+def zero_shot_table(objective: nn.Module, cfg: RunConfig) -> str:
+    """Markdown: the exported weights' zero-shot accuracy and recall@1/5 on the run's held-out
+    pairs ("" when the pairs cannot be read here, e.g. a Hub dataset offline)."""
+    from types import SimpleNamespace
+
+    from lmssl.data.pairs import describe_pairs, held_out_pairs
+
+    try:
+        held = held_out_pairs(cfg, objective.tokenizer, cfg.monitor.query_images)
+    except Exception:  # data that is not here: the card goes without the table
+        return ""
+    m = objective.eval_metrics({}, SimpleNamespace(held_out=held), lambda msg: None)
+    if not m:
+        return ""
+    lines = ["## Zero-shot classification and retrieval", "",
+             f"On {len(held.images)} held-out pairs of {describe_pairs(cfg)}, never trained on:", "",
+             "| task | metric | this model | chance |", "|---|---|---|---|"]
+    if "zero_shot_accuracy" in m:
+        k = len(held.classes)
+        lines += [f"| zero-shot classification among {k} classes, prompt `{objective.clip.template}` | top-1 | "
+                  f"{m['zero_shot_accuracy']:.1%} | {1 / k:.1%} |",
+                  f"| | top-5 | {m['zero_shot_top5']:.1%} | {min(1.0, 5 / k):.1%} |"]
+    n = len(held.images)
+    lines += [f"| image -> caption retrieval among {n} | recall@1 | {m['i2t_r1']:.1%} | {1 / n:.1%} |",
+              f"| | recall@5 | {m['i2t_r5']:.1%} | {min(1.0, 5 / n):.1%} |",
+              f"| caption -> image retrieval among {n} | recall@1 | {m['t2i_r1']:.1%} | {1 / n:.1%} |",
+              f"| | recall@5 | {m['t2i_r5']:.1%} | {min(1.0, 5 / n):.1%} |", ""]
+    return "\n".join(lines)
+
+
+@register("clip", "vit", head=False)
+def clip_model(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """Both towers, the projections and the logit scale as ``CLIPModel`` (``AutoModel``), with a
+    ``CLIPProcessor`` (``AutoProcessor``) that tokenizes and preprocesses as the run did."""
+    import transformers
+
+    from lmssl.data.pairs import text_specials
+
+    _, end, pad = text_specials(tokenizer)
+    if end == 2:
+        raise NoExactTwin("the tokenizer's end-of-text id is 2, which CLIPTextModel reads as its legacy rule (pool "
+                          "the largest id of each row), not the end-of-text token; use a tokenizer whose eos id is "
+                          "not 2")
+    notes = ["`CLIPModel.logit_scale` holds the clamped scale the run used",
+             "the image processor resizes the shorter side to the training size (bicubic) and takes the centred "
+             "square, as lmssl's evaluation does",
+             f"captions end with the end-of-text token (id {end}), which the processor's tokenizer appends and "
+             "`CLIPTextModel` pools (`text_config.eos_token_id`); "
+             + ("pad on the right (the padding id is the end-of-text id)" if pad == end else
+                "padding may be on either side")]
+    usage = CLIP_USAGE.replace("{template!r}", repr(objective.clip.template))
+    with torch.no_grad():
+        scale = float(objective.logit_scale())
+    return Converted(transformers.CLIPModel, clip_config(cfg, tokenizer, scale),
+                     clip_state_dict(objective), "clip", "zero-shot-image-classification", notes,
+                     check=check_clip, usage=usage, write=lambda folder: save_clip_processor(cfg, tokenizer, folder),
+                     card=zero_shot_table(objective, cfg))
+
+
+clip_model.config_problems = clip_config_problems
