@@ -229,14 +229,14 @@ class _Labels:
         return [int(v) if isinstance(v, (int, np.integer)) else -1 for v in values]
 
 
-def _batch(rows: list[dict], positions: list[int], index: torch.Tensor, src) -> dict[str, Any]:
+def _batch(rows: list[dict], index: torch.Tensor, src) -> dict[str, Any]:
     """Decoded, tokenized batch of ``rows`` (dicts with image, text[, label])."""
     pixels = np.stack([r["_pixels"] for r in rows])  # (B, C, L, L)
     texts = pick_captions([r["text"] for r in rows], index, src.seed)
     ids, mask = encode_captions(src.tokenizer, texts, src.max_len)
+    labels = torch.tensor(src.labels.ids([r.get("label") for r in rows]), dtype=torch.long)
     out: dict[str, Any] = {"images": torch.from_numpy(pixels), "index": index, "input_ids": ids,
-                           "attention_mask": mask, "labels": torch.tensor(src.labels.ids([r.get("label") for r in rows]),
-                                                                          dtype=torch.long)}
+                           "attention_mask": mask, "labels": labels}
     if src.views is not None:
         out["views"] = src.views.draw(index, (src.size, src.size))
     return out
@@ -281,7 +281,7 @@ class PairSource(torch.utils.data.Dataset):
         ids = self.pair_ids(positions)
         rows = [self._row(i) for i in ids]
         index = torch.tensor(positions if self.shuffle else [-1 - g for g in positions], dtype=torch.long)
-        return _batch(rows, positions, index, self)
+        return _batch(rows, index, self)
 
     def _row(self, pair_id: int) -> dict:
         """Pair ``pair_id`` with its decoded pixels; an undecodable image is replaced by the next pair's."""
@@ -340,7 +340,7 @@ class StreamingPairs:
             self._pos += 1
         rows = [next(self._iter) for _ in range(count)]
         self._pos += count
-        return _batch(rows, positions, torch.tensor(positions, dtype=torch.long), self)
+        return _batch(rows, torch.tensor(positions, dtype=torch.long), self)
 
 
 # ----------------------------------------------------------------------------- the run's data
