@@ -94,7 +94,8 @@ def load_images(paths: list[str], cfg) -> torch.Tensor:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a CLIP run directory (train.output_dir of `lmssl pretrain recipes/clip_tiny.yaml`)")
+    parser.add_argument("run_dir", help="a CLIP run directory (the train.output_dir of `lmssl pretrain "
+                        "recipes/clip_tiny.yaml`)")
     parser.add_argument("images", nargs="*", help="image files to classify (default: the run's held-out images)")
     parser.add_argument("--labels", default="", help='comma-separated class names, e.g. "cat,dog,red heart" '
                         "(default: the run's held-out classes)")
