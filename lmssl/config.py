@@ -85,6 +85,11 @@ class DataConfig:
     num_proc: int = 0  # processes for tokenization (0: one)
     eval_blocks: int = 64  # validation blocks (images, for image objectives) used for each evaluation (0: all)
     num_workers: int = 0  # image runs: DataLoader worker processes that decode images (0: in the training process)
+    tokenizer_model: str = "bpe"  # tokenizer=auto: bpe (byte-level, the default's kind) | unigram | wordpiece
+    tokenizer_vocab_size: int = 8192  # tokenizer=auto: entries, special tokens included (the default's size)
+
+    # Fields added after runs existed: left out of the run fingerprint while they hold their default.
+    LATE_FIELDS: ClassVar[tuple[str, ...]] = ("tokenizer_model", "tokenizer_vocab_size")
 
 
 @dataclass
@@ -196,10 +201,11 @@ class RunConfig:
         key["seed"] = self.train.seed
         for volatile in ("eval_blocks", "num_proc", "num_workers"):
             key["data"].pop(volatile, None)
-        defaults = ModelConfig()
-        for late in ModelConfig.LATE_FIELDS:
-            if key["model"].get(late) == getattr(defaults, late):
-                key["model"].pop(late)
+        for section, cls in (("model", ModelConfig), ("data", DataConfig)):
+            defaults = cls()
+            for late in cls.LATE_FIELDS:
+                if key[section].get(late) == getattr(defaults, late):
+                    key[section].pop(late)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -19,6 +19,14 @@ Training streams its input: files are read line by line through generators and
 handed to the trainers in batches, so memory depends on the vocabulary, not the corpus
 size (SentencePiece keeps a sample of at most :data:`SPM_SAMPLE_SENTENCES` lines).
 
+A run's tokenizer (:func:`resolve_tokenizer`): ``data.tokenizer`` names one, or is
+``auto``: a ``data.tokenizer_model`` tokenizer of ``data.tokenizer_vocab_size`` entries is
+trained on the run's own training documents (streamed, at most :data:`AUTO_MAX_DOCUMENTS`)
+before pretraining, kept in ``RUN_DIR/tokenizer/``, reused on resume and shipped by
+``lmssl export``. A run that keeps the default tokenizer on other data has its bytes per
+token measured there against the bundled corpus, and is told in one line when the figure is
+below :data:`FIT_WARNING_RATIO` of the bundled one.
+
 Command line (registered by :mod:`lmssl.cli` as ``lmssl tokenizer``)::
 
     lmssl tokenizer train --files lmssl/data/corpus/kjv_train.txt --vocab-size 8192 --model bpe --out tokenizer
@@ -201,10 +209,23 @@ def train_tokenizer(
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UserError(f"{out_dir} is a file; --out must be a folder (it is created if missing)")
 
-    special_tokens = list(special_tokens)
     paths = [Path(f) for f in resolve_files(files)]
     texts = _non_empty(iter_texts(paths, text_column=text_column, max_lines=max_lines), ", ".join(map(str, paths)))
+    return train_from_texts(texts, vocab_size, model, out_dir, min_frequency=min_frequency,
+                            special_tokens=special_tokens)
 
+
+def train_from_texts(
+    texts: Iterator[str],
+    vocab_size: int,
+    model: str = "bpe",
+    out_dir: str | os.PathLike | None = None,
+    *,
+    min_frequency: int = 2,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+) -> PreTrainedTokenizerFast:
+    """:func:`train_tokenizer` on a stream of documents (consumed once, in batches) instead of files."""
+    special_tokens = list(special_tokens)
     if model == "unigram":
         backend = _train_unigram(texts, vocab_size, special_tokens)
     else:
@@ -479,6 +500,153 @@ def _looks_like_local_path(name: str) -> bool:
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ----------------------------------------------------------------------------------
+# The run's tokenizer: named, or trained on the run's data (data.tokenizer=auto)
+
+AUTO = "auto"
+AUTO_FOLDER = "tokenizer"  # RUN_DIR/tokenizer/
+AUTO_RECORD = "lmssl_tokenizer.json"  # in that folder: what it was trained with and on
+AUTO_MAX_DOCUMENTS = 1_000_000  # training documents read for an auto tokenizer (the first ones, in order)
+FIT_SAMPLE_BYTES = 256 * 1024  # text measured, on each side, for the default-tokenizer fit check
+# Below this fraction of the bundled corpus's bytes per token, the default tokenizer is said to fit
+# the data badly. Measured with it (4.35 bytes/token on the bundled validation text): the bundled
+# genre task 4.33 (100%); modern English: the GPL-3 text 2.86 (66%), the Jargon File 2.65 (61%),
+# lmssl's design notes 2.38 (55%); Python source 1.69 (39%).
+FIT_WARNING_RATIO = 0.75
+
+
+def resolve_tokenizer(cfg, out_dir: str | os.PathLike, log=print, *, may_train: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of the run in ``out_dir`` (a :class:`~lmssl.config.RunConfig`'s ``data``).
+
+    ``data.tokenizer=auto``: ``out_dir/tokenizer/`` when it holds the tokenizer trained for
+    these settings; otherwise (``may_train``, the trainer) one is trained there now from the
+    training documents. It is never retrained under a run that has checkpoints (their ids
+    depend on it) unless ``train.overwrite`` starts that run over. ``may_train=False``
+    (commands that read a finished run: export, probe, generate) only loads it.
+
+    Any other value is loaded by :func:`load_tokenizer`; when it is ``default`` and the run
+    reads its own data (``data.train_files`` or ``data.dataset``), the trainer measures the
+    fit (:func:`default_fit_note`) and logs the note, if any.
+    """
+    d = cfg.data
+    if d.tokenizer != AUTO:
+        tok = load_tokenizer(d.tokenizer)
+        if may_train and d.tokenizer == "default" and (d.train_files or d.dataset):
+            note = default_fit_note(tok, d)
+            if note:
+                log(note)
+        return tok
+    folder = Path(out_dir) / AUTO_FOLDER
+    wanted = _auto_record(d)
+    if _auto_matches(folder, wanted):
+        return load_tokenizer(folder)
+    if not may_train:
+        raise UserError(f"{out_dir} was trained with data.tokenizer=auto but {folder} is missing or was made for other "
+                        "settings; restore that folder (the run's ids depend on it)")
+    checkpoints = Path(out_dir) / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()) and not cfg.train.overwrite:
+        raise UserError(f"{out_dir} holds checkpoints but no tokenizer trained for these data settings in {folder}; "
+                        "restore the folder, choose another train.output_dir, or pass train.overwrite=true")
+    with _main_process_first():
+        if not _auto_matches(folder, wanted):  # another process may have trained it meanwhile
+            _train_auto(d, folder, wanted, log)
+    return load_tokenizer(folder)
+
+
+def _auto_record(d) -> dict:
+    """What an auto tokenizer is trained with and on (the data settings that pick documents)."""
+    return {"model": d.tokenizer_model, "vocab_size": d.tokenizer_vocab_size, "train_files": list(d.train_files),
+            "dataset": d.dataset, "dataset_config": d.dataset_config, "train_split": d.train_split,
+            "validation_files": list(d.validation_files), "validation_split": d.validation_split,
+            "validation_fraction": d.validation_fraction, "text_column": d.text_column,
+            "max_documents": d.max_documents}
+
+
+def _auto_matches(folder: Path, wanted: dict) -> bool:
+    try:
+        return (folder / "tokenizer.json").is_file() and json.loads((folder / AUTO_RECORD).read_text())["settings"] == wanted
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _train_auto(d, folder: Path, record: dict, log) -> None:
+    """Train the auto tokenizer on the run's training documents into ``folder`` (atomically)."""
+    import shutil
+
+    from lmssl.data.text import load_documents
+
+    if d.tokenizer_model not in MODELS:
+        raise UserError(f"data.tokenizer_model must be one of {', '.join(MODELS)}, got {d.tokenizer_model!r}")
+    if d.tokenizer_vocab_size < MIN_VOCAB_SIZE[d.tokenizer_model]:
+        raise UserError(f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} is too small for {d.tokenizer_model}; "
+                        f"use at least {MIN_VOCAB_SIZE[d.tokenizer_model]}")
+    counted = {"documents": 0, "bytes": 0}
+
+    def texts() -> Iterator[str]:
+        docs = load_documents(d, "train", streaming=True)
+        for row in itertools.islice(docs, AUTO_MAX_DOCUMENTS):
+            text = row["text"]
+            if isinstance(text, str) and text.strip():
+                counted["documents"] += 1
+                counted["bytes"] += len(text.encode("utf-8"))
+                yield text
+
+    start = time.perf_counter()
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = train_from_texts(_non_empty(texts(), "the training data"), d.tokenizer_vocab_size, d.tokenizer_model, tmp)
+        (tmp / AUTO_RECORD).write_text(json.dumps({"settings": record, **counted}, indent=1) + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"data.tokenizer=auto: trained a {d.tokenizer_model} tokenizer of {len(tok)} entries on {counted['documents']:,} "
+        f"documents ({counted['bytes'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s -> {folder}")
+
+
+def _main_process_first():
+    """Under several processes, the main one first (it trains; the others then find the folder)."""
+    from contextlib import nullcontext
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
+def _bytes_per_token(tok: PreTrainedTokenizerBase, texts: Iterable[str], limit: int) -> float:
+    """UTF-8 bytes per token over the first ``limit`` bytes of whole documents of ``texts``."""
+    sample, size = [], 0
+    for text in texts:
+        if isinstance(text, str) and text.strip():
+            sample.append(text)
+            size += len(text.encode("utf-8"))
+            if size >= limit:
+                break
+    if not sample:
+        return 0.0
+    tokens = sum(len(ids) for ids in tok(sample, add_special_tokens=False)["input_ids"])
+    return size / max(tokens, 1)
+
+
+def default_fit_note(tok: PreTrainedTokenizerBase, d) -> str:
+    """One line when the default tokenizer spends far more tokens per byte on the run's
+    training data than on the bundled corpus it was trained on (bytes per token below
+    :data:`FIT_WARNING_RATIO` of the bundled figure, on :data:`FIT_SAMPLE_BYTES` of each); "" otherwise."""
+    from lmssl.data.text import BUNDLED, load_documents
+
+    theirs = _bytes_per_token(tok, (row["text"] for row in load_documents(d, "train", streaming=True)),
+                              FIT_SAMPLE_BYTES)
+    home = _bytes_per_token(tok, iter_texts(BUNDLED["train"]), FIT_SAMPLE_BYTES)
+    if not theirs or theirs >= FIT_WARNING_RATIO * home:
+        return ""
+    return (f"note: the default tokenizer (trained on the bundled King James text) makes {theirs:.2f} bytes per token "
+            f"of this data against {home:.2f} there ({theirs / home:.0%}), so each sequence holds less text; "
+            "data.tokenizer=auto trains one on this data before pretraining")
 
 
 # ----------------------------------------------------------------------------------

@@ -148,14 +148,14 @@ def export_model(objective: nn.Module, cfg: RunConfig, tokenizer, out_dir: str |
 
 def _read_run(run_dir: Path) -> RunConfig:
     """The run's config, after checking that it is a run with a loadable tokenizer (text runs)."""
-    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.data.tokenizer import resolve_tokenizer
     from lmssl.runs import read_run_config
 
     cfg = read_run_config(run_dir)
     if cfg.modality == "images":  # images: no tokenizer to ship
         return cfg
     try:
-        load_tokenizer(cfg.data.tokenizer)
+        resolve_tokenizer(cfg, run_dir, may_train=False)
     except UserError as e:
         raise UserError(f"the run's tokenizer '{cfg.data.tokenizer}' cannot be loaded ({e}); the export ships the "
                         "tokenizer, so restore it at that path and export again") from None

@@ -41,14 +41,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Rebuild ``(objective, cfg, tokenizer)`` from a run directory's latest good checkpoint
     (``tokenizer`` is None for image runs); the objective is in eval mode on ``device``."""
     from lmssl import objectives
-    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.data.tokenizer import resolve_tokenizer
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     c = ckpt.find_resumable(run_dir)
     if c is None:
         raise UserError(f"{run_dir} has no usable checkpoint yet; train it first (lmssl pretrain ...)")
-    tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.modality != "images" else None
+    tokenizer = resolve_tokenizer(cfg, run_dir, may_train=False) if cfg.modality != "images" else None
     model = objectives.build(cfg, tokenizer)
     ckpt.load_weights(model, c.path / "model.safetensors")
     return model.to(device).eval(), cfg, tokenizer

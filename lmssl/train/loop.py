@@ -23,7 +23,7 @@ from lmssl import objectives
 from lmssl.config import OptimConfig, RunConfig, TrainConfig
 from lmssl.data import build_data
 from lmssl.data.batches import to_device
-from lmssl.data.tokenizer import load_tokenizer
+from lmssl.data.tokenizer import resolve_tokenizer
 from lmssl.errors import UserError
 from lmssl.evaluate import evaluate_objective
 from lmssl.models import set_activation_checkpointing
@@ -153,7 +153,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.train)
     log = console(accelerator)
     kind = objectives.get(cfg.objective)
-    tokenizer = load_tokenizer(cfg.data.tokenizer) if kind.modality != "images" else None
+    tokenizer = resolve_tokenizer(cfg, Path(cfg.train.output_dir), log) if kind.modality != "images" else None
     if tokenizer is not None:
         complete_model_config(cfg, tokenizer)
     with accelerator.main_process_first():
