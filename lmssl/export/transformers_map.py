@@ -908,9 +908,8 @@ generator = AutoModelForMaskedLM.from_pretrained("{name}", subfolder="generator"
 def electra_pretraining(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
     """ELECTRA: the discriminator as ``ElectraForPreTraining`` (``AutoModelForPreTraining``;
     ``AutoModel`` gives ``ElectraModel``) and the generator as ``ElectraForMaskedLM`` in the
-    folder's ``generator/``. The exporter's one hook that runs once the folder exists is the
-    check, so :func:`check_electra` writes ``generator/`` there before it compares both
-    networks with the reloaded folders."""
+    folder's ``generator/`` (written by :func:`write_generator`), both compared with lmssl by
+    :func:`check_electra`."""
     import transformers
 
     m = cfg.model
@@ -931,30 +930,37 @@ def electra_pretraining(objective: nn.Module, cfg: RunConfig, tokenizer) -> Conv
              "reads the first token; this model was pretrained on packed text with no class token in front"]
     return Converted(transformers.ElectraForPreTraining, electra_config(m, tokenizer, "ElectraForPreTraining"), sd,
                      "pretraining", "feature-extraction", notes, usage=ELECTRA_USAGE,
-                     check=lambda obj, c, folder: check_electra(obj, c, folder, generator))
+                     write=lambda folder: write_generator(folder, generator), check=check_electra)
 
 
-@torch.no_grad()
-def check_electra(objective: nn.Module, cfg: RunConfig, folder, generator: Converted) -> dict[str, float]:
-    """Write ``generator`` (and a copy of the tokenizer) into ``folder/generator``, then reload
-    both folders with the Auto classes and compare with the lmssl networks on the probe batch,
-    in float32: discriminator logits, discriminator hidden states, generator logits."""
+def write_generator(folder, generator: Converted) -> None:
+    """``generator`` (``ElectraForMaskedLM``) and a copy of the folder's tokenizer into ``folder/generator``."""
     import shutil
 
-    import transformers
-
-    from lmssl.export.core import build_model, probe_batch
+    from lmssl.export.core import build_model, quiet_transformers
 
     folder = Path(folder)
     sub = folder / "generator"
     sub.mkdir(exist_ok=True)
     model = build_model(generator)
-    model.save_pretrained(str(sub))
-    del model
+    with quiet_transformers():
+        model.save_pretrained(str(sub))
     for f in folder.iterdir():
         if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copyfile(f, sub / f.name)
 
+
+@torch.no_grad()
+def check_electra(objective: nn.Module, cfg: RunConfig, folder) -> dict[str, float]:
+    """Reload the folder (the discriminator) and ``generator/`` with the Auto classes and compare
+    with the lmssl networks on the probe batch, in float32: discriminator logits, discriminator
+    hidden states, generator logits."""
+    import transformers
+
+    from lmssl.export.core import probe_batch
+
+    folder = Path(folder)
+    sub = folder / "generator"
     ids, mask = probe_batch(cfg)
     real = mask.bool()
     V = cfg.model.vocab_size
