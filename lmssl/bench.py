@@ -100,6 +100,13 @@ def _bert_sizes() -> dict[str, Size]:
     return {"tiny": Size("bert_tiny", 8192, 256, 8, 64), "small": base, "base": base}
 
 
+def _modernbert_sizes() -> dict[str, Size]:
+    # masked at ModernBERT's 30% rate (mlm_tiny's); base: answerdotai/ModernBERT-base's shape and 50368-token vocabulary
+    tiny = Size("modernbert_tiny", 8192, 256, 8, 64, ("mlm.mask_rate=0.3",))
+    base = Size("modernbert_base", 50368, 512, 2, 32, ("mlm.mask_rate=0.3",))
+    return {"tiny": tiny, "small": base, "base": base}
+
+
 # --- lmssl side
 
 
@@ -264,6 +271,18 @@ def _reference_bert(cfg) -> tuple[nn.Module, LossFn]:
     return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"]).loss
 
 
+def _reference_modernbert(cfg) -> tuple[nn.Module, LossFn]:
+    from transformers import AutoModelForMaskedLM
+
+    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.export.transformers_map import modernbert_config
+
+    # the export's config, so the reference is the class an lmssl run exports to (special ids: the shipped tokenizer's)
+    config = modernbert_config(cfg.model, load_tokenizer("default"), "ModernBertForMaskedLM")
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    return model, lambda b: model(input_ids=b["input_ids"], labels=b["labels"]).loss
+
+
 def _reference_mae(cfg) -> tuple[nn.Module, LossFn]:
     from transformers import AutoModelForPreTraining
 
@@ -290,7 +309,8 @@ def _causal_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
 
 
 def _masked_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
-    """15% of positions chosen (BERT's 80/10/10 corruption), labels -100 elsewhere."""
+    """``mlm.mask_rate`` of the positions chosen (bert: 15%, modernbert: 30%), BERT's 80/10/10
+    corruption, labels -100 elsewhere."""
     from lmssl.masking import bernoulli_token_mask, mlm_corrupt
 
     ids = _causal_batch(cfg, batch_size, g)["input_ids"]
@@ -309,6 +329,7 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family(_gpt_sizes(), _lmssl_causal, _reference_gpt2, _causal_batch),
     "llama": Family(_llama_sizes(), _lmssl_causal, _reference_llama, _causal_batch),
     "bert": Family(_bert_sizes(), _lmssl_masked, _reference_bert, _masked_batch),
+    "modernbert": Family(_modernbert_sizes(), _lmssl_masked, _reference_modernbert, _masked_batch),
     "mae": Family(_mae_sizes(), _lmssl_mae, _reference_mae, _image_batch, unit="images",
                   baseline=("full-sequence encoder", _lmssl_mae_full_encoder)),
     "simclr": Family(_simclr_sizes(), _lmssl_simclr, _reference_simclr, _view_pair_batch, unit="images"),
@@ -862,7 +883,7 @@ def format_table(r: dict[str, Any]) -> str:
     if r.get("allocator"):
         faults = ", ".join(f"{r[k]['name']} {r[k]['page_faults_per_step']:,.0f}" for k in keys)
         lines.append(f"  CPU allocator: {r['allocator']}; minor page faults per step: {faults}")
-    if r["model"] == "bert":
+    if r["model"] in ("bert", "modernbert"):
         lines.append("  (the reference computes the vocabulary projection at every position; its TFLOP/s and MFU use "
                      "lmssl's masked-only count, so they equal its throughput share, not its arithmetic)")
     if "baseline" in r:
