@@ -26,8 +26,6 @@ at per-sample integer corners with one gather: batched, exact and with no host r
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 
@@ -85,10 +83,8 @@ def resize_squares(squares: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class PretextObjective(ImageObjective):
-    """Base of the ``K``-way pretext classifiers; subclasses set ``stream`` and define ``num_classes``,
-    :meth:`draw` and :meth:`pretext_logits` (see the module docstring)."""
-
-    stream: ClassVar[int] = 0  # counter_uniform stream of the method's draws (the views use 0, 1, ...)
+    """Base of the ``K``-way pretext classifiers; subclasses define ``num_classes``, :meth:`draw` (from
+    a counter stream of their own) and :meth:`pretext_logits` (see the module docstring)."""
 
     @property
     def num_classes(self) -> int:
