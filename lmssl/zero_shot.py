@@ -1,13 +1,13 @@
 """Zero-shot classification with a CLIP run: ``lmssl zero-shot RUN_DIR``.
 
-Each label becomes a caption (``--template``, default the run's ``clip.template``: ``"an emoji
-of {}"`` for the bundled recipe), the text tower embeds it, and every image is scored against
+Each label becomes a caption (``--template``, default the run's ``clip.template``: ``"{}"``,
+the bare name, for the bundled recipe), the text tower embeds it, and every image is scored against
 every label by the cosine similarity of the two embeddings times the run's logit scale; a
 softmax over the labels gives the probabilities printed (the top ``--top`` per image).
 
     lmssl zero-shot runs/clip_tiny                                   # held-out emoji, their own classes
     lmssl zero-shot runs/clip_tiny --labels "cat face,dog face,red heart" photo1.png photo2.png
-    lmssl zero-shot runs/clip_tiny --labels "a,b,c" --template "a photo of a {}"
+    lmssl zero-shot runs/clip_tiny --labels "a,b,c" --template "an emoji of {}"
 
 Without IMAGES the run's held-out images are classified (``--limit`` of them); without
 ``--labels`` among the run's held-out classes, and the accuracy against their true class is

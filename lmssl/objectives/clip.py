@@ -64,7 +64,7 @@ class ClipConfig:
     max_logit_scale: float = 100.0  # the logit scale is clamped to at most this (paper: 100)
     image_pool: str = "cls"  # how the image tower pools: cls (the class token, CLIP's) | mean (the patch states)
     views: str = "crop"  # crop: random resized crop (vision.crop_min_scale .. 1) and flip (vision.hflip) | none
-    template: str = "a photo of a {}"  # zero-shot prompt; {} is the class name (the emoji recipe: "an emoji of {}")
+    template: str = "a photo of a {}"  # zero-shot prompt; {} is the class name (the emoji recipe: "{}", the bare name)
 
 
 def end_of_text_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, end_id: int) -> torch.Tensor:

@@ -28,8 +28,6 @@ GROUPS = ["Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drin
 MEAN = (0.817853, 0.773128, 0.736034)
 STD = (0.278793, 0.288566, 0.331741)
 
-TEMPLATE = "an emoji of {}"  # the zero-shot prompt of the bundled recipe
-
 
 def bundled_pair_files() -> dict[str, Path]:
     """``{"train": train.parquet, "validation": test.parquet}``."""
