@@ -23,9 +23,11 @@ pairs: ``-1 - i``), "views": the view parameters (when the objective has views),
 (B, T) int64, "attention_mask": (B, T) int64, "labels": (B,) int64 (-1: none)}``. Images are
 decoded on the CPU as :mod:`lmssl.data.images` does (``vision.load_size``); the views are cut
 on the device by the objective. Captions are tokenized here by :func:`encode_captions`: the
-start token when the tokenizer has one distinct from its end token, the caption (cut to fit),
-the end-of-text token, then right padding to the longest row of the batch; ``T`` is at most
-``data.block_size``.
+start token when the tokenizer has one distinct from its end token (its bos, else its cls
+token: ``<cls>`` for the shipped tokenizer, whose bos is its end of text; CLIP's
+``<|startoftext|>``), the caption (cut to fit), the end-of-text token, then right padding to
+the longest row of the batch; ``T`` is at most ``data.block_size``. A stream whose column types
+are unknown (local json read with ``data.streaming=true``) is read the same way.
 """
 
 from __future__ import annotations
@@ -110,18 +112,45 @@ def _read_files(files: list[str], image_column: str, streaming: bool):
         except Exception as e:  # datasets raises many types for unreadable files
             raise UserError(f"could not read {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
                 from None
-        names = ds.column_names or []
-        if image_column in names and isinstance(ds.features[image_column], datasets.Value):  # paths
-            folder = Path(f).resolve().parent
-            ds = ds.map(lambda row: {image_column: str(folder / row[image_column])
-                                     if row[image_column] and not Path(row[image_column]).is_absolute()
-                                     else row[image_column]})
+        feature = ds.features.get(image_column) if ds.features is not None else None
+        if feature is None or isinstance(feature, datasets.Value):  # paths (or a stream whose types are unknown)
+            ds = ds.map(_path_resolver(image_column, Path(f).resolve().parent))
         parts.append(ds)
     if len(parts) == 1:
         return parts[0]
     if streaming:
         return datasets.interleave_datasets(parts, stopping_strategy="all_exhausted")
     return datasets.concatenate_datasets(parts)
+
+
+def _path_resolver(column: str, folder: Path):
+    """``row -> {column: ...}``: a relative path made absolute against ``folder``; other values kept."""
+    def resolve(row: dict) -> dict:
+        value = row.get(column)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            value = str(folder / value)
+        return {column: value}
+
+    return resolve
+
+
+def _image_item(value) -> dict:
+    """An image cell of a stream whose features are unknown -> the ``{"bytes", "path"}`` that
+    :func:`~lmssl.data.images.decode_image` reads (a path, raw bytes, a struct or a PIL image)."""
+    if isinstance(value, dict):
+        return {"bytes": value.get("bytes"), "path": value.get("path")}
+    if isinstance(value, str):
+        return {"bytes": None, "path": value}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value), "path": None}
+    if hasattr(value, "save"):  # a decoded PIL image
+        import io
+
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+    raise UserError(f"cannot read an image from a {type(value).__name__} cell; the image column holds paths, bytes "
+                    "or images")
 
 
 def load_pairs(cfg: RunConfig, split: str, streaming: bool = False):
@@ -171,7 +200,10 @@ def load_pairs(cfg: RunConfig, split: str, streaming: bool = False):
     for old, new in renames.items():
         if old in keep and old != new:
             ds = ds.rename_column(old, new)
-    ds = ds.cast_column("image", datasets.Image(decode=False))
+    if ds.features is not None and "image" in ds.features:
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    else:  # a stream that does not know its types
+        ds = ds.map(lambda row: {"image": _image_item(row["image"])})
     if holdout:
         every = max(2, round(1 / max(d.validation_fraction, 1e-6)))
         if streaming:
@@ -409,6 +441,8 @@ def _first_rows(cfg: RunConfig, limit: int):
     rows = list(load_pairs(cfg, "validation", streaming=True).take(max(limit, cfg.data.eval_blocks, 1)))
     if not rows:
         raise UserError("the streamed validation pairs are empty; check data.validation_split")
+    for row in rows:  # one column type: a caption becomes a list of one (pick_captions reads it the same)
+        row["text"] = [row["text"]] if isinstance(row["text"], str) or row["text"] is None else list(row["text"])
     return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image(decode=False))
 
 

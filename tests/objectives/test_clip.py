@@ -208,6 +208,19 @@ def test_local_jsonl_pairs_with_relative_image_paths(tmp_path):
     batch = source.batch([0, 1, 2])
     assert batch["images"].shape == (3, 3, 16, 16) and batch["labels"].tolist() == [-1, -1, -1]
 
+    # streamed (types unknown until read): a fresh stream skipped to a position gives the same pairs
+    from lmssl.data.pairs import StreamingPairs, build_pair_data
+
+    cfg = small_cfg(f"data.train_files=[{tmp_path / 'pairs.jsonl'}]", "vision.image_column=file",
+                    "data.text_column=text", "data.streaming=true", "data.validation_fraction=0.2",
+                    "data.shuffle_buffer=4", "data.eval_blocks=2", "monitor.query_images=2")
+    data = build_pair_data(cfg, load_tokenizer("default"), log=lambda m: None)
+    data.train.batch([0, 1, 2, 3])
+    later = data.train.batch([4, 5, 6, 7])
+    fresh = StreamingPairs(cfg, load_tokenizer("default")).batch([4, 5, 6, 7])
+    assert torch.equal(later["images"], fresh["images"]) and torch.equal(later["input_ids"], fresh["input_ids"])
+    assert data.held_out.captions == ["colour 0", "colour 5"]
+
 
 # ----------------------------------------------------------------------------- a short run: zero-shot, export
 
