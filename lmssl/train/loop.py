@@ -179,6 +179,10 @@ def fit(objective: Objective, data, cfg: LoopConfig, accelerator, resume: ckpt.C
     already ended."""
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.train.output_dir)
+    if world > 1 and accelerator.device.type == "cuda":
+        # batch norm (ResNets, projector heads) normalises over the global batch, as SimCLR, BYOL and
+        # VICReg do; the conversion keeps every parameter and name (CPU processes cannot sync: no-op)
+        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
     n_params = sum(p.numel() for p in objective.parameters())
     optimizer = make_optimizer(objective.param_groups(cfg.optim), cfg.optim, accelerator.device.type)
     schedule = make_schedule(optimizer, cfg.optim, cfg.train.max_steps)
