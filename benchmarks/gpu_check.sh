@@ -64,9 +64,11 @@ step llama_"$TEXT" "$PY" -m lmssl bench llama --size "$TEXT" --device "$DEVICE" 
     "${ROUNDS[@]}" --json "$OUT/llama_${TEXT}.json"
 step mae_"$MAE" "$PY" -m lmssl bench mae --size "$MAE" --device "$DEVICE" --precision "$PRECISION" \
     "${ROUNDS[@]}" --json "$OUT/mae_${MAE}.json"
+step simclr_"$MAE" "$PY" -m lmssl bench simclr --size "$MAE" --device "$DEVICE" --precision "$PRECISION" \
+    "${ROUNDS[@]}" --json "$OUT/simclr_${MAE}.json"
 # 3. smoke: the tiny recipes train on the GPU through the real loop (bundled data)
 mixed=$([[ $DEVICE == cuda ]] && echo bf16 || echo no)
-for recipe in gpt_tiny bert_tiny cpc_tiny; do
+for recipe in gpt_tiny bert_tiny cpc_tiny mae_tiny simclr_tiny byol_tiny; do
     step "pretrain_$recipe" "$PY" -m lmssl pretrain "recipes/$recipe.yaml" "train.max_steps=$STEPS" \
         "train.eval_every=$STEPS" "train.save_every=$STEPS" "train.mixed_precision=$mixed" \
         "train.output_dir=/tmp/gpu_check/$recipe" train.overwrite=true train.progress=false
