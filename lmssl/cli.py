@@ -18,7 +18,7 @@ COMMANDS = {
     "generate": ("lmssl.cli", "sample text from a trained decoder run"),
     "fill-mask": ("lmssl.cli", "show a masked-LM run's top-k fills for [MASK] / <mask> in a sentence"),
     "export": ("lmssl.export.cli", "export a run to a folder stock transformers loads (and push it to the Hub)"),
-    "finetune": ("lmssl.finetune", "fine-tune a run or a transformers checkpoint on a labelled text task"),
+    "finetune": ("lmssl.finetune", "fine-tune a run or a transformers checkpoint on a labelled text or image task"),
     "probe": ("lmssl.probe", "linear probe and k-NN of frozen features beside the same network at initialisation"),
     "bench": ("lmssl.bench", "time lmssl against the transformers model of the same shape"),
     "zero-shot": ("lmssl.zero_shot", "classify images by label prompts with a CLIP run (default: its held-out set)"),
