@@ -88,7 +88,8 @@ class DINOHead(nn.Module):
     ``out_dim`` prototypes.
 
     An MLP of ``layers`` linear maps (``in_dim -> hidden_dim -> ... -> bottleneck_dim``, GELU
-    between them, no batch norm: the ViT setting of the paper), the output L2-normalised, then
+    between them; with ``batch_norm`` a batch norm before each GELU, the official code's
+    ``use_bn_in_head``, off for its ViTs), the output L2-normalised, then
     a weight-normalised linear layer without bias onto the prototypes. Its weight norm is fixed
     at 1 (the paper's code freezes ``weight_g`` at 1), so the layer is written here directly:
     each prototype is the unit vector ``prototypes[k] / |prototypes[k]|`` and a logit is a cosine
@@ -101,7 +102,7 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, out_dim: int = 65536,
-                 layers: int = 3) -> None:
+                 layers: int = 3, batch_norm: bool = False) -> None:
         super().__init__()
         if layers < 1:
             raise ValueError(f"DINOHead needs at least one layer, got {layers}")
@@ -110,6 +111,7 @@ class DINOHead(nn.Module):
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             parts.append(nn.Linear(a, b))
             if i < layers - 1:
+                parts += [nn.BatchNorm1d(b)] if batch_norm else []
                 parts.append(nn.GELU())
         self.mlp = nn.Sequential(*parts)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))  # (K, bottleneck), rows normalised in use

@@ -60,8 +60,9 @@ only by exporting its LayerScale vectors as ones, parameters DINO never had that
 would then train, under a config whose other defaults (mask token, SwiGLU, layer scale) describe
 DINOv2's recipe, not this one; so ViTModel.
 
-Small batches: DINO is known to degrade below a few hundred images per batch (users report
-collapse at 32); ``min_batch`` (256) prints a warning at the start of a smaller run.
+Small batches: users report collapse at batch 32; the paper trains well down to 128 (57.9% k-NN
+against 59.9% at 1024, ViT-S for 100 epochs), so ``min_batch`` (128) prints a warning at the start of
+a smaller run.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from lmssl.errors import UserError
 from lmssl.models import eval_mode
 from lmssl.models.ema import cosine_momentum, ema_copy, ema_update_
 from lmssl.models.heads import DINOHead
-from lmssl.models.vision import VisionBackbone, image_backbone
+from lmssl.models.vision import VisionBackbone, image_backbone, xavier_patch_init_
 from lmssl.objectives import register
 from lmssl.objectives._image import ImageObjective
 
@@ -90,6 +91,7 @@ class DINOConfig:
     hidden_dim: int = 2048  # head MLP width (paper: 2048)
     bottleneck_dim: int = 256  # L2-normalised bottleneck before the prototypes (paper: 256)
     head_layers: int = 3  # linear layers of the head MLP (paper: 3)
+    head_batch_norm: bool = False  # batch norm in the head's hidden layers (the official code's use_bn_in_head; off for ViTs)
     n_local: int = 6  # local crops per image (paper: 6 with 2 x 224 + 6 x 96; 10 for its best ViT-S)
     global_size: int = 0  # side of the two global crops in pixels (0: vision.image_size)
     local_size: int = 0  # side of the local crops (0: 96/224 of vision.image_size, rounded to the patch size)
@@ -185,7 +187,7 @@ class DINO(ImageObjective):
                        "dino.hidden_dim=64", "dino.bottleneck_dim=32", "dino.n_local=2",
                        "dino.freeze_last_layer_steps=1", "dino.warmup_teacher_temp_steps=0",
                        "dino.center_momentum=0.99")
-    min_batch = 256
+    min_batch = 128  # the paper's batch-size table: 57.9% k-NN at 128, 59.9% at 1024 (ViT-S, 100 epochs)
 
     def __init__(self, cfg) -> None:
         student = image_backbone(cfg.model, cfg.vision)
@@ -194,7 +196,9 @@ class DINO(ImageObjective):
         self.max_steps = cfg.train.max_steps
         self.global_size, self.local_size = self.crop_sizes(cfg)
         self.student = student
-        self.head = DINOHead(student.dim, c.hidden_dim, c.bottleneck_dim, c.out_dim, c.head_layers)
+        if isinstance(student, VisionBackbone):
+            xavier_patch_init_(student)  # before the EMA copy: both start from it
+        self.head = DINOHead(student.dim, c.hidden_dim, c.bottleneck_dim, c.out_dim, c.head_layers, c.head_batch_norm)
         self.teacher = ema_copy(self.student)
         self.teacher_head = ema_copy(self.head)
         self.register_buffer("center", torch.zeros(c.out_dim))  # (K,)

@@ -55,7 +55,7 @@ from lmssl.masking import gather_tokens, jepa_masks
 from lmssl.models.ema import ema_copy, ema_update_
 from lmssl.models.flops import transformer_flops_per_token
 from lmssl.models.transformer import Transformer, eval_mode, init_weights
-from lmssl.models.vision import VisionBackbone
+from lmssl.models.vision import VisionBackbone, xavier_patch_init_
 from lmssl.nn import sincos_positions_2d
 from lmssl.objectives import register
 from lmssl.objectives._image import ImageObjective
@@ -106,6 +106,7 @@ class IJEPA(ImageObjective):
         c = self.ijepa = cfg.ijepa
         self.cfg, self.max_steps = cfg.model, cfg.train.max_steps
         self.encoder = VisionBackbone(cfg.model, cfg.vision, cls_token=False)
+        xavier_patch_init_(self.encoder)  # before the EMA copy: both start from it
         self.target_encoder = ema_copy(self.encoder)
         self.predictor_cfg = replace(cfg.model, dim=c.predictor_dim, n_layers=c.predictor_layers,
                                      n_heads=c.predictor_heads, n_kv_heads=0, mlp_hidden=0)
