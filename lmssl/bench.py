@@ -145,7 +145,7 @@ def _lmssl_mae_full_encoder(cfg) -> tuple[nn.Module, LossFn]:
 
 
 def _simclr_sizes() -> dict[str, Size]:
-    # tiny: the shape of recipes/simclr_tiny.yaml on 32 x 32 RGB views; base: ViT-B/16 on 224 x 224
+    # tiny: vit_tiny (4 x 256, as mae_tiny; simclr_tiny trains 4 x 128) on 32 x 32 RGB views; base: ViT-B/16 on 224 x 224
     tiny = Size("vit_tiny", 0, 64, 64, 512, ("vision.image_size=32", "vision.patch_size=4", "monitor.online_probe=false"))
     base = Size("vit_base", 0, 196, 8, 128, ("vision.image_size=224", "vision.patch_size=16",
                                              "simclr.proj_hidden=2048", "monitor.online_probe=false"))

@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from lmssl.config import OptimConfig, TrainConfig
+from lmssl.data.order import PositionKeyed
 from lmssl.errors import UserError
 from lmssl.objectives import Objective, mean_pool
 from lmssl.runs.tasks import label_names, load_task_data, one_line as _one_line
@@ -372,27 +373,16 @@ def few_labels(ds, column: str, per_class: int, seed: int, log):
     return ds.select(sorted(keep))
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """Visiting order of epoch ``epoch``: the permutation :class:`lmssl.data.images.ImageSource` uses."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-class TokenizedExamples:
-    """Tokenized labelled examples addressed by global sample position: position ``g`` is
-    example ``epoch_order(seed, g // n)[g % n]`` (as :class:`~lmssl.data.images.ImageSource`
-    visits images); ``batch(positions)`` pads them into one batch."""
+class TokenizedExamples(PositionKeyed):
+    """Tokenized labelled examples addressed by global sample position (the visiting order of
+    :mod:`lmssl.data.order`, as :class:`~lmssl.data.images.ImageSource` visits images);
+    ``batch(positions)`` pads them into one batch."""
 
     def __init__(self, rows: list[dict[str, Any]], collate, seed: int) -> None:
-        self.rows, self.collate, self.seed, self.n = rows, collate, seed, len(rows)
-        self._epoch, self._order = -1, np.arange(self.n)
+        self.rows, self.collate, self.seed, self.n, self.shuffle = rows, collate, seed, len(rows), True
 
     def batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        ids = []
-        for g in positions:
-            if g // self.n != self._epoch:
-                self._epoch, self._order = g // self.n, epoch_order(self.seed, g // self.n, self.n)
-            ids.append(int(self._order[g % self.n]))
-        return dict(self.collate([self.rows[i] for i in ids]))
+        return dict(self.collate([self.rows[i] for i in self.ids(positions)]))
 
 
 class ImageBatches:

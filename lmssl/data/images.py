@@ -42,6 +42,7 @@ import torch
 
 from lmssl.config import RunConfig, VisionConfig
 from lmssl.data.files import resolve_files
+from lmssl.data.order import PositionKeyed
 from lmssl.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -184,7 +185,7 @@ def decode_image(item: dict, channels: int, size: int) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, S, S)
 
 
-class ImageSource(torch.utils.data.Dataset):
+class ImageSource(PositionKeyed, torch.utils.data.Dataset):
     """Global sample positions -> decoded batches (see the module docstring).
 
     A map-style dataset whose keys are positions (``__getitems__`` takes the list of one
@@ -203,34 +204,12 @@ class ImageSource(torch.utils.data.Dataset):
         # labels that are not a ClassLabel (strings, raw integers) become ids into their sorted names
         self._label_ids = None if feature is None or hasattr(feature, "names") else \
             {name: i for i, name in enumerate(class_names(ds))}
-        self._order_epoch, self._order = -1, np.arange(self.n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Visiting order of epoch ``epoch``: a permutation seeded by ``(seed, epoch)``."""
-        if self._order_epoch != epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._order_epoch = epoch
-        return self._order
-
-    def image_ids(self, positions: list[int]) -> list[int]:
-        if not self.shuffle:
-            return [g % self.n for g in positions]
-        return [int(self.order(g // self.n)[g % self.n]) for g in positions]
-
-    def __getitems__(self, positions: list[int]) -> dict[str, Any]:
-        return self.batch(positions)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        return self.batch([position])
 
     def batch_at(self, cursor: int, count: int) -> dict[str, Any]:
         return self.batch(list(range(cursor, cursor + count)))
 
     def batch(self, positions: list[int]) -> dict[str, Any]:
-        ids = self.image_ids(positions)
+        ids = self.ids(positions)
         rows = self.ds[ids]
         pixels = np.stack([self._decode(item, i) for item, i in zip(rows["image"], ids)])  # (B, C, L, L)
         if not self.has_labels:

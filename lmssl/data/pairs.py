@@ -42,6 +42,7 @@ import torch
 
 from lmssl.config import RunConfig
 from lmssl.data.files import builder_for, resolve_files
+from lmssl.data.order import PositionKeyed
 from lmssl.data.images import PositionBatches, _first, class_names, decode_image, usable_workers
 from lmssl.errors import UserError
 
@@ -274,7 +275,7 @@ def _batch(rows: list[dict], index: torch.Tensor, src) -> dict[str, Any]:
     return out
 
 
-class PairSource(torch.utils.data.Dataset):
+class PairSource(PositionKeyed, torch.utils.data.Dataset):
     """Global sample positions -> decoded, tokenized pair batches (map-style: the bundled set,
     local files, a downloaded Hub dataset). ``shuffle``: training order, one permutation per
     epoch seeded by ``(seed, epoch)``; else position ``i`` is pair ``i``, drawn at ``-1 - i``."""
@@ -287,30 +288,9 @@ class PairSource(torch.utils.data.Dataset):
         self.max_len = cfg.data.block_size
         self.n = len(ds)
         self.labels = _Labels(ds)
-        self._order_epoch, self._order = -1, np.arange(self.n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._order_epoch = epoch
-        return self._order
-
-    def pair_ids(self, positions: list[int]) -> list[int]:
-        if not self.shuffle:
-            return [g % self.n for g in positions]
-        return [int(self.order(g // self.n)[g % self.n]) for g in positions]
-
-    def __getitems__(self, positions: list[int]) -> dict[str, Any]:
-        return self.batch(positions)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        return self.batch([position])
 
     def batch(self, positions: list[int]) -> dict[str, Any]:
-        ids = self.pair_ids(positions)
+        ids = self.ids(positions)
         rows = [self._row(i) for i in ids]
         index = torch.tensor(positions if self.shuffle else [-1 - g for g in positions], dtype=torch.long)
         return _batch(rows, index, self)

@@ -16,7 +16,7 @@ from lmssl.models import LMHead, TextBackbone
 from lmssl.models.flops import transformer_flops_per_token
 from lmssl.objectives import Objective, mean_pool, register
 from lmssl.train.loop import train
-from tests.conftest import ROOT, TINY
+from tests.conftest import TINY
 
 
 @dataclass
