@@ -62,3 +62,20 @@ def resolve_files(patterns: str | os.PathLike | list, key: str = "--files",
 def cache_dir() -> Path:
     """Where tokenized corpora and measured CPU peaks are kept (``LMSSL_CACHE``, else ``~/.cache/lmssl``)."""
     return Path(os.environ.get("LMSSL_CACHE", Path.home() / ".cache" / "lmssl"))
+
+
+def load_hub_split(data, split: str, streaming: bool = False, local_hint: str = "local files"):
+    """The ``split`` ('train' or 'validation') of the Hub dataset ``data.dataset`` (a
+    :class:`~lmssl.config.DataConfig`) and whether validation must be held out of training
+    (no ``data.validation_split``: the validation split is the training split). A load that
+    fails is one :class:`UserError` line naming the dataset, its split and ``local_hint``."""
+    import datasets
+
+    hub_split = data.train_split if split == "train" else (data.validation_split or data.train_split)
+    try:
+        ds = datasets.load_dataset(data.dataset, data.dataset_config or None, split=hub_split, streaming=streaming)
+    except Exception as e:  # datasets raises many types (network, missing config, bad name)
+        raise UserError(f"could not load dataset '{data.dataset}' ({data.dataset_config or 'default'}, split "
+                        f"'{hub_split}'): {str(e).splitlines()[0] if str(e) else type(e).__name__}; check the "
+                        f"name and your network, or point data.train_files at {local_hint}") from None
+    return ds, not data.validation_split

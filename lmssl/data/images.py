@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from lmssl.config import RunConfig, VisionConfig
-from lmssl.data.files import resolve_files
+from lmssl.data.files import load_hub_split, resolve_files
 from lmssl.data.order import PositionKeyed
 from lmssl.errors import UserError
 
@@ -101,14 +101,7 @@ def load_images(cfg: RunConfig, split: str, labels: bool = False, log=lambda msg
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         column, label_column = "image", "label"
     elif d.dataset:
-        hub_split = d.train_split if split == "train" else (d.validation_split or d.train_split)
-        holdout = not d.validation_split
-        try:
-            ds = datasets.load_dataset(d.dataset, d.dataset_config or None, split=hub_split)
-        except Exception as e:
-            raise UserError(f"could not load dataset '{d.dataset}' ({d.dataset_config or 'default'}, split "
-                            f"'{hub_split}'): {str(e).splitlines()[0] if str(e) else type(e).__name__}; check the "
-                            "name and your network, or point data.train_files at local images") from None
+        ds, holdout = load_hub_split(d, split, local_hint="local images")
         column, label_column = cfg.vision.image_column, cfg.vision.label_column
     else:
         from lmssl.data.fashion_mnist import load_bundled
@@ -292,15 +285,23 @@ class ImageData:
 
     def stream(self, cfg: RunConfig, cursor: int, rank: int, world: int) -> Iterator[tuple[dict[str, Any], int]]:
         """``(micro-batch, first global position)`` for every micro-step from ``cursor`` on."""
-        sampler = PositionBatches(cursor, cfg.train.micro_batch_size, cfg.train.grad_accum, rank, world)
-        if self.num_workers == 0:
-            for positions in sampler:
-                yield self.train.batch(positions), positions[0]
-            return
-        loader = torch.utils.data.DataLoader(self.train, batch_sampler=sampler, num_workers=self.num_workers,
-                                             collate_fn=_first, persistent_workers=False, prefetch_factor=4)
-        for batch in loader:
-            yield batch, int(batch["index"][0])
+        return position_stream(self.train, cfg, cursor, rank, world, self.num_workers)
+
+
+def position_stream(source, cfg: RunConfig, cursor: int, rank: int, world: int,
+                    num_workers: int) -> Iterator[tuple[dict[str, Any], int]]:
+    """``(micro-batch, first global position)`` for every micro-step from ``cursor`` on, from a
+    source with ``batch(positions)`` (whose batches carry their ``index``): read in this
+    process, or by ``num_workers`` DataLoader workers fed :class:`PositionBatches`."""
+    sampler = PositionBatches(cursor, cfg.train.micro_batch_size, cfg.train.grad_accum, rank, world)
+    if num_workers == 0:
+        for positions in sampler:
+            yield source.batch(positions), positions[0]
+        return
+    loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, num_workers=num_workers,
+                                         collate_fn=_first, persistent_workers=False, prefetch_factor=4)
+    for batch in loader:
+        yield batch, int(batch["index"][0])
 
 
 def _labelled(source: ImageSource, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from lmssl.config import RunConfig
-from lmssl.data.files import builder_for, resolve_files
+from lmssl.data.files import builder_for, load_hub_split, resolve_files
 from lmssl.data.order import PositionKeyed
-from lmssl.data.images import PositionBatches, _first, class_names, decode_image, usable_workers
+from lmssl.data.images import class_names, decode_image, position_stream, usable_workers
 from lmssl.errors import UserError
 
 CAPTION_STREAM = 1000  # counter_uniform stream of the caption draws (the views use streams 0, 1, ...)
@@ -172,14 +172,7 @@ def load_pairs(cfg: RunConfig, split: str, streaming: bool = False):
             holdout = not d.validation_files
         ds = _read_files(files, image_column, streaming)
     elif d.dataset:
-        hub_split = d.train_split if split == "train" else (d.validation_split or d.train_split)
-        holdout = not d.validation_split
-        try:
-            ds = datasets.load_dataset(d.dataset, d.dataset_config or None, split=hub_split, streaming=streaming)
-        except Exception as e:
-            raise UserError(f"could not load dataset '{d.dataset}' ({d.dataset_config or 'default'}, split "
-                            f"'{hub_split}'): {str(e).splitlines()[0] if str(e) else type(e).__name__}; check the "
-                            "name and your network, or point data.train_files at local pair files") from None
+        ds, holdout = load_hub_split(d, split, streaming, local_hint="local pair files")
     else:
         if streaming:
             raise UserError("data.streaming=true streams a Hub dataset (data.dataset); the bundled emoji pairs are "
@@ -386,15 +379,8 @@ class PairData:
 
     def stream(self, cfg: RunConfig, cursor: int, rank: int, world: int) -> Iterator[tuple[dict[str, Any], int]]:
         """``(micro-batch, first global position)`` for every micro-step from ``cursor`` on."""
-        sampler = PositionBatches(cursor, cfg.train.micro_batch_size, cfg.train.grad_accum, rank, world)
-        if self.num_workers == 0 or isinstance(self.train, StreamingPairs):
-            for positions in sampler:
-                yield self.train.batch(positions), positions[0]
-            return
-        loader = torch.utils.data.DataLoader(self.train, batch_sampler=sampler, num_workers=self.num_workers,
-                                             collate_fn=_first, persistent_workers=False, prefetch_factor=4)
-        for batch in loader:
-            yield batch, int(batch["index"][0])
+        workers = 0 if isinstance(self.train, StreamingPairs) else self.num_workers  # a stream reads in order
+        return position_stream(self.train, cfg, cursor, rank, world, workers)
 
 
 def held_out_pairs(cfg: RunConfig, tokenizer, limit: int = 0) -> HeldOutPairs:

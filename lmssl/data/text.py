@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lmssl.config import DataConfig
-from lmssl.data.files import builder_for, cache_dir, resolve_files
+from lmssl.data.files import builder_for, cache_dir, load_hub_split, resolve_files
 from lmssl.errors import UserError
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -64,14 +64,7 @@ def load_documents(cfg: DataConfig, split: str, streaming: bool | None = None):
             raise UserError(f"could not read {files[0]}{' and others' if len(files) > 1 else ''}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     else:
-        hub_split = cfg.train_split if split == "train" else (cfg.validation_split or cfg.train_split)
-        holdout = not cfg.validation_split
-        try:
-            ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=hub_split, streaming=streaming)
-        except Exception as e:
-            raise UserError(f"could not load dataset '{cfg.dataset}' ({cfg.dataset_config or 'default'}, split "
-                            f"'{hub_split}'): {str(e).splitlines()[0] if str(e) else type(e).__name__}; check the "
-                            "name and your network, or point data.train_files at local files") from None
+        ds, holdout = load_hub_split(cfg, split, streaming)
     column = "text" if builder_is_text(ds) else cfg.text_column
     names = _column_names(ds)
     if column not in names:
