@@ -285,7 +285,7 @@ class ImageData:
 
     def stream(self, cfg: RunConfig, cursor: int, rank: int, world: int) -> Iterator[tuple[dict[str, Any], int]]:
         """``(micro-batch, first global position)`` for every micro-step from ``cursor`` on."""
-        return position_stream(self.train, cfg, cursor, rank, world, self.num_workers)
+        yield from position_stream(self.train, cfg, cursor, rank, world, self.num_workers)
 
 
 def position_stream(source, cfg: RunConfig, cursor: int, rank: int, world: int,

@@ -380,7 +380,7 @@ class PairData:
     def stream(self, cfg: RunConfig, cursor: int, rank: int, world: int) -> Iterator[tuple[dict[str, Any], int]]:
         """``(micro-batch, first global position)`` for every micro-step from ``cursor`` on."""
         workers = 0 if isinstance(self.train, StreamingPairs) else self.num_workers  # a stream reads in order
-        return position_stream(self.train, cfg, cursor, rank, world, workers)
+        yield from position_stream(self.train, cfg, cursor, rank, world, workers)
 
 
 def held_out_pairs(cfg: RunConfig, tokenizer, limit: int = 0) -> HeldOutPairs:
