@@ -107,6 +107,15 @@ def _modernbert_sizes() -> dict[str, Size]:
     return {"tiny": tiny, "small": base, "base": base}
 
 
+def _electra_sizes() -> dict[str, Size]:
+    # tiny: electra_tiny's shape (bert_tiny, 128-wide embeddings, a 1/4-wide generator); base: ELECTRA-Base's
+    # (768 wide, 1/3-wide generator, the 30522-token vocabulary)
+    tiny = Size("bert_tiny", 8192, 128, 16, 64, ("objective=electra", "model.family=electra", "model.embedding_dim=128"))
+    base = Size("bert_base", 30522, 512, 2, 32, ("objective=electra", "model.family=electra",
+                                                 "electra.generator_size=0.3333333"))
+    return {"tiny": tiny, "small": base, "base": base}
+
+
 # --- lmssl side
 
 
@@ -194,6 +203,75 @@ def _reference_simclr(cfg) -> tuple[nn.Module, LossFn]:
         return F.cross_entropy(sim, targets)
 
     return model, loss
+
+
+def _lmssl_electra(cfg) -> tuple[nn.Module, LossFn]:
+    """lmssl's ELECTRA step on a prepared batch: the generator at the masked positions only,
+    replacements sampled from it, the discriminator on every token."""
+    model = _electra_objective(cfg)
+    return model, model
+
+
+def _electra_objective(cfg) -> nn.Module:
+    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.objectives.electra import Electra
+    from lmssl.objectives.mlm import MaskingSpec
+
+    return Electra(cfg.model, cfg.electra, MaskingSpec.from_tokenizer(load_tokenizer("default"), "token"),
+                   cfg.data.block_size)
+
+
+class ElectraGeneratorAndDiscriminator(nn.Module):
+    """The reference side of ``lmssl bench electra`` (named in the results table):
+    ``ElectraForMaskedLM`` and ``ElectraForPreTraining`` sharing one ``ElectraEmbeddings``."""
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module) -> None:
+        super().__init__()
+        self.generator, self.discriminator = generator, discriminator
+        generator.electra.embeddings = discriminator.electra.embeddings
+        generator.generator_lm_head.weight = discriminator.electra.embeddings.word_embeddings.weight
+
+
+def _reference_electra(cfg) -> tuple[nn.Module, LossFn]:
+    """The same two networks built from ``transformers``' ELECTRA classes, and ELECTRA's step
+    written plainly: the masked LM's logits at every position, a softmax sample at the masked
+    ones, the discriminator's binary cross-entropy at every token, MLM + disc_weight x BCE."""
+    import torch.nn.functional as F
+    from transformers import ElectraForMaskedLM, ElectraForPreTraining
+
+    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.export.transformers_map import electra_config
+    from lmssl.objectives.electra import generator_config
+
+    tokenizer = load_tokenizer("default")
+    configs = [electra_config(m, tokenizer, a) for m, a in ((generator_config(cfg.model, cfg.electra), "ElectraForMaskedLM"),
+                                                             (cfg.model, "ElectraForPreTraining"))]
+    for c in configs:
+        c._attn_implementation = "sdpa"
+    model = ElectraGeneratorAndDiscriminator(ElectraForMaskedLM(configs[0]), ElectraForPreTraining(configs[1]))
+    weight = cfg.electra.disc_weight
+
+    def loss(b: Batch) -> torch.Tensor:
+        logits = model.generator(input_ids=b["input_ids"]).logits  # (B, T, V)
+        labels = b["labels"]
+        mlm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        with torch.no_grad():
+            chosen = labels != -100
+            sampled = torch.multinomial(logits[chosen].float().softmax(-1), 1).squeeze(1)
+            corrupted = b["original_ids"].clone()
+            corrupted[chosen] = sampled
+        d_logits = model.discriminator(input_ids=corrupted).logits  # (B, T)
+        bce = F.binary_cross_entropy_with_logits(d_logits.float(), (corrupted != b["original_ids"]).float())
+        return mlm + weight * bce
+
+    return model, loss
+
+
+def _electra_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
+    """Random token ids, masked as ELECTRA's ``prepare_batch`` does (15%; 85% of them shown as
+    the mask token, the rest unchanged), with the originals and the sampling numbers."""
+    ids = _causal_batch(cfg, batch_size, g)["input_ids"]
+    return _electra_objective(cfg).prepare_batch({"input_ids": ids}, g)
 
 
 def _view_pair_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
@@ -333,6 +411,7 @@ FAMILIES: dict[str, Family] = {
     "mae": Family(_mae_sizes(), _lmssl_mae, _reference_mae, _image_batch, unit="images",
                   baseline=("full-sequence encoder", _lmssl_mae_full_encoder)),
     "simclr": Family(_simclr_sizes(), _lmssl_simclr, _reference_simclr, _view_pair_batch, unit="images"),
+    "electra": Family(_electra_sizes(), _lmssl_electra, _reference_electra, _electra_batch),
 }
 
 
@@ -858,14 +937,15 @@ def _version(dist: str) -> str:
 
 def format_table(r: dict[str, Any]) -> str:
     unit = r["unit"]
-    head = f"  {'':<22} {'params':>9} {unit + '/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10} {'step':>8} {'warm-up':>8}"
-    lines = ["", head]
     keys = [k for k in ("lmssl", "reference", "baseline") if k in r]
+    w = max([22] + [len(r[k]["name"]) for k in keys])  # the name column fits the longest class name
+    head = f"  {'':<{w}} {'params':>9} {unit + '/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak mem':>10} {'step':>8} {'warm-up':>8}"
+    lines = ["", head]
     for key in keys:
         s = r[key]
         mem = f"{s['peak_mem_bytes'] / 2**20:,.0f} MiB" if s["peak_mem_bytes"] is not None else "n/a"
         mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"
-        lines.append(f"  {s['name']:<22} {s['params'] / 1e6:>8.2f}M {s[unit + '_per_s']:>11,.0f} "
+        lines.append(f"  {s['name']:<{w}} {s['params'] / 1e6:>8.2f}M {s[unit + '_per_s']:>11,.0f} "
                      f"{s['tflops']:>9.4f} {mfu:>7} {mem:>10} {s['step_s'] * 1e3:>6.0f}ms {s['warmup_s']:>7.1f}s")
 
     def ratio_line(label: str, x: dict[str, Any]) -> str:

@@ -100,3 +100,21 @@ def test_cpu_step_peak_counts_held_tensors_gradients_and_activations():
     assert small >= _held_bytes(side) + weights  # the gradients are alive at the end of the step
     rows = 1024 * D * 4  # bytes of one (1024, D) float32 activation
     assert 2 * rows <= big - small <= 8 * rows  # tanh's and the last layer's outputs are kept for backward
+
+
+def test_bench_electra_smoke(tmp_path, capsys):
+    """lmssl's ELECTRA step against ElectraForMaskedLM + ElectraForPreTraining sharing their embeddings."""
+    out = tmp_path / "electra.json"
+    code = main(["bench", "electra", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
+                 "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["reference"]["name"] == "ElectraGeneratorAndDiscriminator" and r["config"]["family"] == "electra"
+    # the same weights: both networks read one set of embeddings on both sides
+    assert r["lmssl"]["params"] == r["reference"]["params"]
+    assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["data"]["includes_prepare_batch"]
+    # from ln(8192) = 9.01 (masked LM) + 50 x ln 2 (detection) at initialisation, on one repeated batch
+    for side in ("lmssl", "reference"):
+        assert r[side]["tokens_per_s"] > 0 and r[side]["final_loss"] < 9.0 + 50 * 0.6932
+    assert abs(r["lmssl"]["final_loss"] - r["reference"]["final_loss"]) < 5.0
+    assert "ElectraGeneratorAndDiscriminator" in capsys.readouterr().out
