@@ -116,6 +116,21 @@ def _electra_sizes() -> dict[str, Size]:
     return {"tiny": tiny, "small": base, "base": base}
 
 
+def _clip_sizes() -> dict[str, Size]:
+    # tiny: clip_tiny's towers (a 4 x 128 ViT on 32 x 32 RGB images in 8 x 8 patches; a 4 x 128 causal text tower
+    # on 32-token captions); base: CLIP ViT-B/16's (a ViT-B/16 on 224 x 224; a 12 x 512 text tower, 77 tokens)
+    tower = ("objective=clip", "model.embedding_norm=true", "vision.channels=3", "monitor.online_probe=false")
+    tiny = Size("vit_tiny", 0, 16, 64, 256, tower + (
+        "model.dim=128", "model.n_heads=4", "vision.image_size=32", "vision.patch_size=8", "clip.text.preset=gpt_tiny",
+        "clip.text.dim=128", "clip.text.n_layers=4", "clip.text.n_heads=4", "clip.text.max_positions=32",
+        "clip.embed_dim=128", "data.block_size=32"))
+    base = Size("vit_base", 0, 196, 8, 128, tower + (
+        "vision.image_size=224", "vision.patch_size=16", "clip.text.preset=gpt_tiny", "clip.text.dim=512",
+        "clip.text.n_layers=12", "clip.text.n_heads=8", "clip.text.max_positions=77", "clip.embed_dim=512",
+        "data.block_size=77"))
+    return {"tiny": tiny, "small": base, "base": base}
+
+
 # --- lmssl side
 
 
@@ -274,6 +289,56 @@ def _electra_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
     return _electra_objective(cfg).prepare_batch({"input_ids": ids}, g)
 
 
+def _lmssl_clip(cfg) -> tuple[nn.Module, LossFn]:
+    """lmssl's CLIP step on given images and captions: both towers, the projections, the
+    learned temperature, the symmetric InfoNCE (the crop view is left out on both sides)."""
+    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.objectives.clip import CLIP, clip_loss
+
+    model = CLIP.build(cfg, load_tokenizer(cfg.data.tokenizer))
+
+    def loss(b: Batch) -> torch.Tensor:
+        img = model.image_embeds(b["pixel_values"])
+        txt = model.text_embeds(b["input_ids"], b["attention_mask"])
+        return clip_loss(img, txt, model.temperature(), gather=False)[0]
+
+    return model, loss
+
+
+def _reference_clip(cfg) -> tuple[nn.Module, LossFn]:
+    """``transformers.CLIPModel`` of the same towers (the export's config), SDPA, its own loss
+    (``return_loss=True``)."""
+    from transformers import CLIPModel
+
+    from lmssl.data.tokenizer import load_tokenizer
+    from lmssl.export.transformers_map import clip_config
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    cfg.clip.text.vocab_size = len(tokenizer)
+    config = clip_config(cfg, tokenizer, 1.0 / cfg.clip.init_temperature)
+    config._attn_implementation = "sdpa"
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = "sdpa"
+    model = CLIPModel(config)
+    return model, lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                  pixel_values=b["pixel_values"], return_loss=True).loss
+
+
+def _caption_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
+    """Random images and full-length captions of random ordinary tokens ending in the
+    end-of-text token (what both towers pool)."""
+    from lmssl.data.pairs import text_specials
+    from lmssl.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    end = text_specials(tokenizer)[1]
+    v, T = cfg.vision, cfg.data.block_size
+    ids = torch.randint(len(SPECIAL_IDS), len(tokenizer), (batch_size, T), generator=g)
+    ids[:, -1] = end
+    return {"pixel_values": torch.randn(batch_size, v.channels, v.image_size, v.image_size, generator=g),
+            "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def _view_pair_batch(cfg, batch_size: int, g: torch.Generator) -> Batch:
     v = cfg.vision
     shape = (batch_size, v.channels, v.image_size, v.image_size)
@@ -412,6 +477,7 @@ FAMILIES: dict[str, Family] = {
                   baseline=("full-sequence encoder", _lmssl_mae_full_encoder)),
     "simclr": Family(_simclr_sizes(), _lmssl_simclr, _reference_simclr, _view_pair_batch, unit="images"),
     "electra": Family(_electra_sizes(), _lmssl_electra, _reference_electra, _electra_batch),
+    "clip": Family(_clip_sizes(), _lmssl_clip, _reference_clip, _caption_batch, unit="images"),
 }
 
 
@@ -795,7 +861,8 @@ def run(args: argparse.Namespace) -> int:
     command = _command_line(args, batch_size, None if images else seq, device.type)
     if images:
         v = cfg.vision
-        what = f"{cfg.mae.mask_ratio:.0%} hidden" if args.model == "mae" else "two views per image"
+        what = {"mae": f"{cfg.mae.mask_ratio:.0%} hidden", "clip": f"with {cfg.data.block_size}-token captions"}.get(
+            args.model, "two views per image")
         workload = (f"{size.preset}, {v.image_size}x{v.image_size} images in {v.patch_size}x{v.patch_size} patches "
                     f"({seq} each, {what}), batch {batch_size}")
     else:

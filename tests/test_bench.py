@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -118,3 +119,21 @@ def test_bench_electra_smoke(tmp_path, capsys):
         assert r[side]["tokens_per_s"] > 0 and r[side]["final_loss"] < 9.0 + 50 * 0.6932
     assert abs(r["lmssl"]["final_loss"] - r["reference"]["final_loss"]) < 5.0
     assert "ElectraGeneratorAndDiscriminator" in capsys.readouterr().out
+
+
+def test_bench_clip_smoke(tmp_path, capsys):
+    """lmssl's CLIP step against CLIPModel of the same towers (its own loss)."""
+    out = tmp_path / "clip.json"
+    code = main(["bench", "clip", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
+                 "--warmup", "1", "--batch-size", "4", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["unit"] == "images" and r["reference"]["name"] == "CLIPModel"
+    # the same trainable weights but for CLIPModel's learned position table of the image tower (17 rows: the
+    # class token and 16 patches; lmssl's sin-cos table is a buffer) and lmssl's patch-embedding bias (CLIP's
+    # patch embedding has none; the export adds it to the position table)
+    assert r["reference"]["params"] - 17 * r["config"]["dim"] + r["config"]["dim"] == r["lmssl"]["params"]
+    assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    for side in ("lmssl", "reference"):
+        assert r[side]["images_per_s"] > 0 and math.isfinite(r[side]["final_loss"])
+    assert "32-token captions" in capsys.readouterr().out
