@@ -58,6 +58,7 @@ class ModelConfig:
     head_bias: bool = False  # bias on the vocabulary projection
     causal: bool = True  # default attention direction of the core; objectives may override per call
     init_std: float = 0.02  # std of the normal initialisation of weights
+    scale_residual_init: bool = True  # pre-norm: residual output projections start at init_std / sqrt(2 n_layers) (GPT-2); false: at init_std (ViTModel, timm, DINO)
     stem: str = "imagenet"  # resnet family only: imagenet (7x7 conv + max-pool) | cifar (3x3 conv, no pool: images of ~32 px)
 
     # Fields added after runs existed: left out of the run fingerprint while they hold their
@@ -145,6 +146,8 @@ class VisionConfig:
     hflip: bool = True  # flip training images left-right half of the time
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel normalisation (ImageNet's)
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    position_scale: float = 1.0  # a ViT's fixed sin-cos positions times this (1: MAE's table, entries up to 1; lower: the image content outweighs them at initialisation, as ViTModel's learned table of std 0.02 does)
+    cls_init_std: float = -1.0  # std of a ViT's class token at initialisation (< 0: model.init_std; timm: 1e-6)
 
 
 @dataclass
@@ -424,6 +427,7 @@ def validate(cfg: RunConfig) -> None:
         (len(cfg.vision.mean) == len(cfg.vision.std) == cfg.vision.channels and min(cfg.vision.std) > 0,
          f"vision.mean and vision.std need one value per channel ({cfg.vision.channels}), std above 0"),
         (0.0 < cfg.vision.crop_min_scale <= 1.0, f"vision.crop_min_scale must be in (0, 1], got {cfg.vision.crop_min_scale}"),
+        (cfg.vision.position_scale > 0, f"vision.position_scale must be positive, got {cfg.vision.position_scale}"),
     ]
     for ok, message in checks:
         if not ok:

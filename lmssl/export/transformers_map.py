@@ -577,18 +577,23 @@ def vit_config(m: ModelConfig, vision, architecture: str = "ViTModel"):
                      qkv_bias=m.bias, architectures=[architecture])
 
 
+def _position_table(backbone: nn.Module) -> torch.Tensor:
+    """A :class:`~lmssl.models.VisionBackbone`'s fixed ``(N, dim)`` position table as it adds
+    it (the sin-cos table times ``vision.position_scale``), float32 on the CPU."""
+    return backbone.positions.detach().float().cpu().clone()
+
+
 def vit_backbone_state(backbone: nn.Module, dst: str = "") -> dict[str, torch.Tensor]:
     """A :class:`~lmssl.models.VisionBackbone` state dict -> ``ViTModel`` names under ``dst``.
 
     The patch embedding's ``(dim, p * p * C)`` weight becomes the ``(dim, C, p, p)``
     convolution; the fixed sin-cos positions become the position table, with a zero row
     for the class token (which has no position in lmssl)."""
-    from lmssl.nn import sincos_positions_2d
 
     m, vision = backbone.cfg, backbone.vision
     s = _state(backbone)
     p, C = vision.patch_size, vision.channels
-    table = torch.cat([torch.zeros(1, m.dim), sincos_positions_2d(*backbone.grid, m.dim)])[None]  # (1, 1 + N, dim)
+    table = torch.cat([torch.zeros(1, m.dim), _position_table(backbone)])[None]  # (1, 1 + N, dim)
     out = {f"{dst}embeddings.cls_token": s["cls"].view(1, 1, -1),
            f"{dst}embeddings.position_embeddings": table,
            f"{dst}embeddings.patch_embeddings.projection.weight":
@@ -784,14 +789,13 @@ def ijepa_backbone_state(backbone: nn.Module, dst: str = "") -> dict[str, torch.
     ``IJepaModel`` has no class token and a learned ``(1, N, dim)`` position table, which gets
     the fixed sin-cos positions; the patch embedding's ``(dim, p * p * C)`` weight becomes the
     ``(dim, C, p, p)`` convolution; the blocks and the final LayerNorm map one to one."""
-    from lmssl.nn import sincos_positions_2d
 
     if getattr(backbone, "cls", None) is not None:
         raise NoExactTwin("IJepaModel has no class token; this ViT has one (export it as ViTModel)")
     m, vision = backbone.cfg, backbone.vision
     s = _state(backbone)
     p, C = vision.patch_size, vision.channels
-    out = {f"{dst}embeddings.position_embeddings": sincos_positions_2d(*backbone.grid, m.dim)[None],  # (1, N, dim)
+    out = {f"{dst}embeddings.position_embeddings": _position_table(backbone)[None],  # (1, N, dim)
            f"{dst}embeddings.patch_embeddings.projection.weight":
                s["patches.weight"].view(m.dim, p, p, C).permute(0, 3, 1, 2).contiguous(),
            f"{dst}embeddings.patch_embeddings.projection.bias": s["patches.bias"],
@@ -1046,13 +1050,13 @@ def clip_state_dict(objective: nn.Module) -> dict[str, torch.Tensor]:
     only the pooled class token: the same vector). Text: the first ``vocab_size`` embedding rows;
     the position table as it is (sin-cos written into it, zeros without positions); the core's
     final norm is ``final_layer_norm``. The logit scale is written clamped."""
-    from lmssl.nn import sincos_positions, sincos_positions_2d
+    from lmssl.nn import sincos_positions
 
     vis, txt = objective.backbone, objective.text
     vm, tm = vis.cfg, txt.cfg
     sv, st = _state_with_biases(vis), _state_with_biases(txt)
     p, C = vis.vision.patch_size, vis.vision.channels
-    table = torch.cat([torch.zeros(1, vm.dim), sincos_positions_2d(*vis.grid, vm.dim) + sv["patches.bias"]])
+    table = torch.cat([torch.zeros(1, vm.dim), _position_table(vis) + sv["patches.bias"]])
     out = {"vision_model.embeddings.class_embedding": sv["cls"],
            "vision_model.embeddings.patch_embedding.weight":
                sv["patches.weight"].view(vm.dim, p, p, C).permute(0, 3, 1, 2).contiguous(),

@@ -129,9 +129,11 @@ def set_activation_checkpointing(module: nn.Module, enabled: bool = True) -> int
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     """N(0, std) weights, zero biases, unit norms. Pre-norm (GPT-2 style): residual output
     projections scaled by ``1 / sqrt(2 * n_layers)``, since every block adds to one growing
-    residual stream. Post-norm (BERT): no scaling; each block's sum is normalised anyway,
+    residual stream (``model.scale_residual_init``; ViTModel, timm and DINO leave them at
+    ``init_std``). Post-norm (BERT): no scaling; each block's sum is normalised anyway,
     and shrinking the sublayer outputs only lets the input dominate every LayerNorm."""
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.norm_position == "pre" else cfg.init_std
+    scaled = cfg.norm_position == "pre" and cfg.scale_residual_init
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if scaled else cfg.init_std
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             std = residual_std if name.endswith(("attn.proj", "mlp.fc2")) else cfg.init_std

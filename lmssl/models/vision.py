@@ -43,7 +43,8 @@ class VisionBackbone(nn.Module):
         self.cfg, self.vision = cfg, vision
         self.grid = (vision.image_size // vision.patch_size,) * 2  # (gh, gw)
         self.patches = PatchEmbedding(vision.patch_size, vision.channels, cfg.dim, bias=cfg.bias)
-        self.register_buffer("positions", sincos_positions_2d(*self.grid, cfg.dim), persistent=False)  # (N, dim)
+        self.register_buffer("positions", sincos_positions_2d(*self.grid, cfg.dim) * vision.position_scale,
+                             persistent=False)  # (N, dim)
         self._other_grids: dict[tuple[int, int], torch.Tensor] = {}  # (gh, gw) -> (gh * gw, dim), CPU float32
         self.cls = nn.Parameter(torch.zeros(cfg.dim)) if cls_token else None
         self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias) if cfg.embedding_norm else None
@@ -51,7 +52,7 @@ class VisionBackbone(nn.Module):
         self.core = Transformer(cfg)
         init_weights(self, cfg)
         if self.cls is not None:
-            nn.init.normal_(self.cls, 0.0, cfg.init_std)
+            nn.init.normal_(self.cls, 0.0, vision.cls_init_std if vision.cls_init_std >= 0 else cfg.init_std)
 
     @property
     def dim(self) -> int:
@@ -77,7 +78,7 @@ class VisionBackbone(nn.Module):
         if grid == self.grid:
             return self.positions
         if grid not in self._other_grids:
-            self._other_grids[grid] = sincos_positions_2d(*grid, self.cfg.dim, extent=self.grid)
+            self._other_grids[grid] = sincos_positions_2d(*grid, self.cfg.dim, extent=self.grid) * self.vision.position_scale
         return self._other_grids[grid].to(self.positions.device)
 
     def embed(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:

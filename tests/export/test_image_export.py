@@ -53,11 +53,14 @@ def test_resnet_run_exports_torchvision_weights(tmp_path, preset):
         assert "maxpool = torch.nn.Identity()" in readme
 
 
-def test_vit_run_of_a_joint_embedding_method_exports_vitmodel(tmp_path):
+@pytest.mark.parametrize("init", [[], ["vision.position_scale=0.04", "vision.cls_init_std=1e-6",
+                                       "model.scale_residual_init=false"]], ids=["default", "dino_init"])
+def test_vit_run_of_a_joint_embedding_method_exports_vitmodel(tmp_path, init):
+    """Also with dino_tiny's initialisation: the scaled sin-cos table is what the export writes."""
     from transformers import AutoModel
 
     cfg = load_config(None, ["objective=byol", "model.preset=vit_tiny", "model.dim=64", "model.n_layers=2",
-                             "model.n_heads=4", "byol.proj_hidden=32", "byol.proj_dim=16", *IMAGES])
+                             "model.n_heads=4", "byol.proj_hidden=32", "byol.proj_dim=16", *IMAGES, *init])
     torch.manual_seed(0)
     objective = perturb(build(cfg, None))
     run = write_run(tmp_path / "run", cfg, objective)
