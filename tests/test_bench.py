@@ -10,12 +10,17 @@ import pytest
 from lmssl.cli import main
 
 
+def smoke(tmp_path, family: str, batch: int, seq: int | None = None) -> dict:
+    """``lmssl bench FAMILY --size tiny`` for two one-step rounds on the CPU; its JSON result."""
+    out = tmp_path / f"{family}.json"
+    args = ["bench", family, "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
+            "--warmup", "1", "--batch-size", str(batch), "--json", str(out)]
+    assert main(args + (["--seq-len", str(seq)] if seq else [])) == 0
+    return json.loads(out.read_text())
+
+
 def test_bench_gpt_tiny_smoke(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    code = main(["bench", "gpt", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
-                 "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--json", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = smoke(tmp_path, "gpt", 2, 32)
     assert r["ratio"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
     assert len(r["ratios"]) == 2
     for side in ("lmssl", "reference"):
@@ -37,11 +42,7 @@ def test_bench_gpt_tiny_smoke(tmp_path, capsys):
 
 def test_bench_mae_smoke(tmp_path, capsys):
     """Three contenders: lmssl's MAE, ViTMAEForPreTraining and the full-sequence-encoder MAE."""
-    out = tmp_path / "mae.json"
-    code = main(["bench", "mae", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
-                 "--warmup", "1", "--batch-size", "4", "--json", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = smoke(tmp_path, "mae", 4)
     assert r["unit"] == "images" and r["data"]["collate_s_per_batch"] > 0 and r["data"]["image_side"] == 40
     assert r["reference"]["name"] == "ViTMAEForPreTraining" and r["baseline"]["name"] == "full-sequence encoder"
     for side in ("lmssl", "reference", "baseline"):
@@ -58,11 +59,7 @@ def test_bench_mae_smoke(tmp_path, capsys):
 
 def test_bench_simclr_smoke(tmp_path):
     """lmssl's SimCLR step against ViTModel + the same projector + NT-Xent written out plainly."""
-    out = tmp_path / "simclr.json"
-    code = main(["bench", "simclr", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
-                 "--warmup", "1", "--batch-size", "4", "--json", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = smoke(tmp_path, "simclr", 4)
     assert r["unit"] == "images" and r["reference"]["name"] == "ViTModelWithProjector"
     # the same trainable weights: ViTModel's position table and lmssl's class token differ by the table
     assert r["reference"]["params"] - 65 * r["config"]["dim"] == r["lmssl"]["params"]
@@ -105,11 +102,7 @@ def test_cpu_step_peak_counts_held_tensors_gradients_and_activations():
 
 def test_bench_electra_smoke(tmp_path, capsys):
     """lmssl's ELECTRA step against ElectraForMaskedLM + ElectraForPreTraining sharing their embeddings."""
-    out = tmp_path / "electra.json"
-    code = main(["bench", "electra", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
-                 "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--json", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = smoke(tmp_path, "electra", 2, 32)
     assert r["reference"]["name"] == "ElectraGeneratorAndDiscriminator" and r["config"]["family"] == "electra"
     # the same weights: both networks read one set of embeddings on both sides
     assert r["lmssl"]["params"] == r["reference"]["params"]
@@ -123,11 +116,7 @@ def test_bench_electra_smoke(tmp_path, capsys):
 
 def test_bench_clip_smoke(tmp_path, capsys):
     """lmssl's CLIP step against CLIPModel of the same towers (its own loss)."""
-    out = tmp_path / "clip.json"
-    code = main(["bench", "clip", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
-                 "--warmup", "1", "--batch-size", "4", "--json", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = smoke(tmp_path, "clip", 4)
     assert r["unit"] == "images" and r["reference"]["name"] == "CLIPModel"
     # the same trainable weights but for CLIPModel's learned position table of the image tower (17 rows: the
     # class token and 16 patches; lmssl's sin-cos table is a buffer) and lmssl's patch-embedding bias (CLIP's

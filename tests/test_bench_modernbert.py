@@ -3,17 +3,11 @@
 
 from __future__ import annotations
 
-import json
-
-from lmssl.cli import main
+from tests.test_bench import smoke
 
 
 def test_bench_modernbert_smoke(tmp_path):
-    out = tmp_path / "modernbert.json"
-    code = main(["bench", "modernbert", "--size", "tiny", "--device", "cpu", "--rounds", "2", "--steps-per-round", "1",
-                 "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--json", str(out)])
-    assert code == 0
-    r = json.loads(out.read_text())
+    r = smoke(tmp_path, "modernbert", 2, 32)
     assert r["reference"]["name"] == "ModernBertForMaskedLM" and r["config"]["family"] == "modernbert"
     assert r["lmssl"]["params"] == r["reference"]["params"]  # the same shape, the export's config
     assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and len(r["ratios"]) == 2
