@@ -64,7 +64,7 @@ class ModelConfig:
     # Fields added after runs existed: left out of the run fingerprint while they hold their
     # default, so that a run started before they were added still resumes.
     LATE_FIELDS: ClassVar[tuple[str, ...]] = ("first_attn_norm", "local_attention", "global_every", "local_rope_theta",
-                                              "stem", "embedding_dim")
+                                              "stem", "embedding_dim", "scale_residual_init")
 
 
 @dataclass
@@ -201,6 +201,8 @@ class RunConfig:
         key = {k: d[k] for k in ("objective", "model", "data", self.objective) if k in d}
         if self.modality != "text":
             key["vision"] = {k: d["vision"][k] for k in ("image_size", "patch_size", "channels", "image_column")}
+            if self.vision.position_scale != VisionConfig().position_scale:  # the table is part of the model
+                key["vision"]["position_scale"] = self.vision.position_scale
         key["seed"] = self.train.seed
         for volatile in ("eval_blocks", "num_proc", "num_workers"):
             key["data"].pop(volatile, None)
