@@ -587,9 +587,8 @@ def vit_backbone_state(backbone: nn.Module, dst: str = "") -> dict[str, torch.Te
     """A :class:`~lmssl.models.VisionBackbone` state dict -> ``ViTModel`` names under ``dst``.
 
     The patch embedding's ``(dim, p * p * C)`` weight becomes the ``(dim, C, p, p)``
-    convolution; the fixed sin-cos positions become the position table, with a zero row
-    for the class token (which has no position in lmssl)."""
-
+    convolution; the fixed sin-cos positions (times ``vision.position_scale``) become the
+    position table, with a zero row for the class token (which has no position in lmssl)."""
     m, vision = backbone.cfg, backbone.vision
     s = _state(backbone)
     p, C = vision.patch_size, vision.channels
@@ -789,7 +788,6 @@ def ijepa_backbone_state(backbone: nn.Module, dst: str = "") -> dict[str, torch.
     ``IJepaModel`` has no class token and a learned ``(1, N, dim)`` position table, which gets
     the fixed sin-cos positions; the patch embedding's ``(dim, p * p * C)`` weight becomes the
     ``(dim, C, p, p)`` convolution; the blocks and the final LayerNorm map one to one."""
-
     if getattr(backbone, "cls", None) is not None:
         raise NoExactTwin("IJepaModel has no class token; this ViT has one (export it as ViTModel)")
     m, vision = backbone.cfg, backbone.vision
