@@ -11,6 +11,7 @@ dict whose names and shapes that class expects. Converters are registered per
     mlm + modernbert -> ModernBertForMaskedLM (AutoModelForMaskedLM; AutoModel gives ModernBertModel)
     electra + electra / bert -> ElectraForPreTraining (the discriminator; AutoModel gives ElectraModel),
                      the generator as ElectraForMaskedLM in ``generator/``
+    electra + modernbert -> ModernBertModel (the pre-norm discriminator's body; its head and the generator stay in the checkpoint)
     cpc + bert / modernbert -> BertModel / ModernBertModel (the segment encoder; the context network has no twin)
     mae + vit    -> ViTMAEForPreTraining (AutoModelForPreTraining; AutoModel gives ViTMAEModel)
     ijepa + vit  -> IJepaModel        (the target encoder: no class token, the sin-cos table as its positions)
@@ -933,6 +934,24 @@ def electra_pretraining(objective: nn.Module, cfg: RunConfig, tokenizer) -> Conv
     return Converted(transformers.ElectraForPreTraining, electra_config(m, tokenizer, "ElectraForPreTraining"), sd,
                      "pretraining", "feature-extraction", notes, usage=ELECTRA_USAGE,
                      write=lambda folder: write_generator(folder, generator), check=check_electra)
+
+
+@register("electra", "modernbert", head=False)
+def electra_modernbert(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted:
+    """ELECTRA with a ModernBERT (pre-norm) discriminator: its body as ``ModernBertModel``
+    (``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification`` add fresh heads
+    over it), compared on hidden states. ``transformers`` has no ModernBERT class for a
+    replaced-token head, nor an embedding projection for a generator narrower than the shared
+    embeddings, so the detector and the generator stay in the run's checkpoint."""
+    conv = backbone_converter(objective, cfg, tokenizer)
+    g = objective.gen_cfg
+    conv.notes[:0] = [
+        "this is the ELECTRA discriminator's body (pre-norm ModernBERT), the model to fine-tune; lmssl's features "
+        "for this run are the mean of its `last_hidden_state` over the tokens",
+        f"the replaced-token head (`detector.*`) and the {g.n_layers}-layer, {g.dim}-wide generator (`generator.*`, "
+        "`generator_head.*`) have no ModernBERT class in transformers; they stay in the run's checkpoint "
+        "(`model.safetensors`); `model.family=electra` exports both as ElectraForPreTraining / ElectraForMaskedLM"]
+    return conv
 
 
 def write_generator(folder, generator: Converted) -> None:

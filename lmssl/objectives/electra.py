@@ -3,9 +3,9 @@
 A *generator*, a narrow masked LM, fills ~15% of masked positions with tokens **sampled**
 from its softmax (not its argmax); a *discriminator* reads the result and predicts, for
 every token, whether it differs from the original. Both are the shared
-:class:`~lmssl.models.TextBackbone` (BERT's post-LayerNorm layout, ``model.family:
-electra``), and they share their embeddings (tokens, positions, token types and the
-embedding LayerNorm), as in the paper. Each network maps the shared
+:class:`~lmssl.models.TextBackbone` (of one layout, below), and they share their
+embeddings (tokens, positions, token types and the embedding LayerNorm, those the layout
+has), as in the paper. Each network maps the shared
 ``model.embedding_dim``-wide embeddings to its own width with its own linear layer
 (``embed_project``, ELECTRA's ``embeddings_project``). The loss is
 
@@ -32,9 +32,17 @@ times the discriminator's (1/4 for ELECTRA-Small, 1/3 for Base; note that the re
 ELECTRA-Small checkpoint's generator is full width, as the authors' README says).
 ELECTRA-Small's embeddings are 128 wide under a 256-wide discriminator.
 
-Export: the discriminator as ``ElectraForPreTraining`` (``AutoModelForPreTraining``;
-``AutoModel`` gives ``ElectraModel``, ``AutoModelForSequenceClassification`` adds a fresh
-classifier), the generator as ``ElectraForMaskedLM`` in ``generator/``, both checked.
+Layouts: ``model.family: electra`` (``recipes/electra_tiny.yaml``) is BERT's post-LayerNorm
+network, the paper's; ``model.family: modernbert`` (``recipes/electra_modernbert_tiny.yaml``)
+is ModernBERT's pre-norm one (the network of ``mlm_tiny``), which leaves the unigram plateau
+within a CPU budget where the post-norm discriminator does not (recipes/README.md).
+
+Export: with the ELECTRA layout, the discriminator as ``ElectraForPreTraining``
+(``AutoModelForPreTraining``; ``AutoModel`` gives ``ElectraModel``,
+``AutoModelForSequenceClassification`` adds a fresh classifier), the generator as
+``ElectraForMaskedLM`` in ``generator/``, both checked; with the ModernBERT layout, the
+discriminator's body as ``ModernBertModel`` (no ModernBERT class holds the detector or a
+generator narrower than the embeddings; both stay in the checkpoint).
 ``features`` are the discriminator's final states, mean-pooled.
 """
 

@@ -20,8 +20,13 @@ TINY = ["model.dim=64", "model.embedding_dim=32", "model.n_layers=2", "model.n_h
         "data.block_size=32", "electra.generator_size=0.5"]
 
 
-def tiny(*overrides: str):
-    cfg = load_config(ROOT / "recipes" / "electra_tiny.yaml", TINY + list(overrides))
+# the pre-norm discriminator of recipes/electra_modernbert_tiny.yaml, as small (local attention inside 32 tokens)
+MODERN = ["model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.max_positions=64", "model.mlp_hidden=96",
+          "model.local_attention=8", "model.global_every=2", "data.block_size=32", "electra.generator_size=0.5"]
+
+
+def tiny(*overrides: str, recipe: str = "electra_tiny", base: list[str] = TINY):
+    cfg = load_config(ROOT / "recipes" / f"{recipe}.yaml", base + list(overrides))
     tokenizer = load_tokenizer("default")
     complete_model_config(cfg, tokenizer)
     torch.manual_seed(0)
@@ -87,12 +92,13 @@ def test_a_sample_equal_to_the_original_is_not_counted_in_the_real_forward():
     assert expected > 0 and int(metrics["replaced_tokens"]) == expected
 
 
-def test_generator_gets_gradient_only_from_its_mlm_loss():
+@pytest.mark.parametrize("layout", ["electra", "modernbert"])
+def test_generator_gets_gradient_only_from_its_mlm_loss(layout):
     """Gradients with the detection loss weighted 0 and 50, on the same batch and samples:
     the generator's own weights get identical gradients (the detection loss sends them
     none), the discriminator's own weights none from the MLM loss, and the shared
-    embeddings get both."""
-    model, cfg, tok = tiny()
+    embeddings get both; with BERT's post-norm layout and with ModernBERT's pre-norm one."""
+    model, cfg, tok = tiny() if layout == "electra" else tiny(recipe="electra_modernbert_tiny", base=MODERN)
     batch = model.prepare_batch(text_batch(tok), torch.Generator().manual_seed(3))
 
     def grads(weight: float) -> dict[str, torch.Tensor]:
@@ -103,7 +109,8 @@ def test_generator_gets_gradient_only_from_its_mlm_loss():
 
     mlm_only, both = grads(0.0), grads(50.0)
     params = dict(model.named_parameters())
-    shared = {id(p) for m in SHARED_EMBEDDINGS for p in getattr(model.backbone, m).parameters()}
+    shared = {id(p) for m in SHARED_EMBEDDINGS if getattr(model.backbone, m) is not None  # ModernBERT: no positions
+              for p in getattr(model.backbone, m).parameters()}
     generator_own = [n for n, p in params.items() if n.startswith(("generator.", "generator_head.")) and id(p) not in shared]
     discriminator_own = [n for n, p in params.items() if n.startswith(("backbone.", "detector.")) and id(p) not in shared]
     shared_names = [n for n, p in params.items() if id(p) in shared]
@@ -164,6 +171,35 @@ def test_export_parity_and_fine_tuning_loads(tmp_path):
         a = classifier.electra(input_ids=ids, attention_mask=mask).last_hidden_state
         b = pretraining.electra(input_ids=ids, attention_mask=mask).last_hidden_state
         assert torch.equal(a, b) and classifier(input_ids=ids, attention_mask=mask).logits.shape == (2, 3)
+
+
+def test_modernbert_discriminator_exports_as_modernbertmodel_and_fine_tunes(tmp_path):
+    """The pre-norm discriminator (recipes/electra_modernbert_tiny.yaml) exports its body as
+    ModernBertModel, hidden states within 1e-4 (over a batch longer than the local window), and
+    AutoModelForSequenceClassification puts a fresh classifier over exactly that body."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from lmssl.export.core import export_model, probe_batch
+
+    model, cfg, tok = tiny(recipe="electra_modernbert_tiny", base=MODERN)
+    assert cfg.model.family == "modernbert" and cfg.model.norm_position == "pre"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    result = export_model(model, cfg, tok, tmp_path / "export", log=lambda m: None)
+    assert result.architecture == "ModernBertModel" and result.checks
+    assert max(result.checks.values()) <= 1e-4
+    ids, mask = probe_batch(cfg)
+    body = AutoModel.from_pretrained(tmp_path / "export").eval()
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", num_labels=3).eval()
+    assert type(classifier).__name__ == "ModernBertForSequenceClassification"
+    with torch.no_grad():
+        ours = model.hidden(ids, mask)
+        theirs = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        again = classifier.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        real = mask.bool()
+        assert float((ours - theirs)[real].abs().max()) <= 1e-4 and torch.equal(theirs, again)
+        assert classifier(input_ids=ids, attention_mask=mask).logits.shape == (ids.shape[0], 3)
 
 
 def test_bad_sizes_fail_in_one_line():
