@@ -371,7 +371,9 @@ def modernbert_config(m: ModelConfig, tokenizer, architecture: str):
     """``ModernBertConfig``: one ``bias`` for ModernBERT's four flags, ``head_bias`` for the
     decoder's; ``layer_types`` spells out which blocks are local. The pre-5.x keys
     (``global_attn_every_n_layers``, ``global_rope_theta``, ``local_rope_theta``) are written
-    too, so older ``transformers`` read the same layout."""
+    too, so older ``transformers`` read the same layout. ``classifier_pooling="mean"``: lmssl
+    pretrains on packed text with no class token in front, so a sequence classifier should
+    average the tokens (the first token only knows about itself; measured in recipes/README.md)."""
     from transformers import ModernBertConfig
 
     local = [m.local_attention > 0 and i % m.global_every != 0 for i in range(m.n_layers)]
@@ -391,7 +393,7 @@ def modernbert_config(m: ModelConfig, tokenizer, architecture: str):
         **({"local_attention": m.local_attention} if any(local) else {}), global_attn_every_n_layers=every,
         tie_word_embeddings=m.tie_embeddings, architectures=[architecture], pad_token_id=ids["pad_token_id"],
         bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id)
+        sep_token_id=tokenizer.sep_token_id, classifier_pooling="mean")
     config.global_rope_theta, config.local_rope_theta = m.rope_theta, local_theta
     return config
 
@@ -461,9 +463,9 @@ def modernbert_mlm(objective: nn.Module, cfg: RunConfig, tokenizer) -> Converted
     if m.head_bias:
         sd["decoder.bias"] = s["head.bias"][: m.vocab_size]
     notes = ["`AutoModel` loads the bare `ModernBertModel`. `AutoModelForSequenceClassification` keeps the pretrained "
-             "`head` (dense, activation, norm) and adds a fresh classifier; it pools the first token (the config's "
-             "`classifier_pooling=\"cls\"`), and this model was pretrained on packed text with no class token in "
-             "front, so `classifier_pooling=\"mean\"` may suit it better"]
+             "`head` (dense, activation, norm) and adds a fresh classifier; it averages the tokens (the config's "
+             "`classifier_pooling=\"mean\"`), since this model was pretrained on packed text with no class token in "
+             "front"]
     if m.dropout > 0:
         notes.append("ModernBERT drops out inside the MLP, before `Wo`; lmssl dropped out after its output projection "
                      "(the same model at inference)")

@@ -146,7 +146,7 @@ def test_modernbert_mlm_run_exports_to_modernbertformaskedlm(tmp_path, capsys):
     assert config["rope_parameters"]["full_attention"]["rope_theta"] == 160000.0
     assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
     assert not config["attention_bias"] and not config["mlp_bias"] and not config["norm_bias"]
-    assert config["decoder_bias"] and config["tie_word_embeddings"] and config["classifier_pooling"] == "cls"
+    assert config["decoder_bias"] and config["tie_word_embeddings"] and config["classifier_pooling"] == "mean"
     objective, cfg, tok = load_run(run)
     assert (config["pad_token_id"], config["cls_token_id"], config["sep_token_id"]) == (
         tok.pad_token_id, tok.cls_token_id, tok.sep_token_id)
@@ -167,7 +167,12 @@ def test_modernbert_mlm_run_exports_to_modernbertformaskedlm(tmp_path, capsys):
     assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"]
     assert set(info["unexpected_keys"]) <= {"decoder.bias"}  # the vocabulary bias of the MLM head
     assert torch.equal(clf.head.dense.weight, mlm.head.dense.weight)  # the pretrained head is kept
-    assert clf(input_ids=ids, attention_mask=mask).logits.shape == (2, 6)
+    clf.eval()
+    with torch.no_grad():  # it averages the real tokens (lmssl pretrains without a class token in front)
+        h = clf.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        logits = clf(input_ids=ids, attention_mask=mask).logits
+        assert logits.shape == (2, 6) and torch.allclose(logits, clf.classifier(clf.head(pooled)), atol=1e-5)
     meta = _front_matter((out / "README.md").read_text())
     assert meta["pipeline_tag"] == "fill-mask" and meta["tags"] == ["lmssl", "mlm", "modernbert"]
     assert "classifier_pooling" in (out / "README.md").read_text()

@@ -193,6 +193,7 @@ def test_modernbert_discriminator_exports_as_modernbertmodel_and_fine_tunes(tmp_
     body = AutoModel.from_pretrained(tmp_path / "export").eval()
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", num_labels=3).eval()
     assert type(classifier).__name__ == "ModernBertForSequenceClassification"
+    assert classifier.config.classifier_pooling == "mean"  # packed pretraining: no class token to pool
     with torch.no_grad():
         ours = model.hidden(ids, mask)
         theirs = body(input_ids=ids, attention_mask=mask).last_hidden_state
