@@ -134,6 +134,8 @@ def test_modernbert_mlm_run_exports_to_modernbertformaskedlm(tmp_path, capsys):
     ModernBertForSequenceClassification with the pretrained head and a fresh classifier."""
     from transformers import AutoModel, AutoModelForMaskedLM, ModernBertForSequenceClassification, pipeline
 
+    from lmssl.objectives import mean_pool
+
     run = pretrain(tmp_path / "run", "modernbert", steps=2)
     out = tmp_path / "hf"
     assert main(["export", str(run), str(out)]) == 0
@@ -170,7 +172,7 @@ def test_modernbert_mlm_run_exports_to_modernbertformaskedlm(tmp_path, capsys):
     clf.eval()
     with torch.no_grad():  # it averages the real tokens (lmssl pretrains without a class token in front)
         h = clf.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        pooled = mean_pool(h, mask)
         logits = clf(input_ids=ids, attention_mask=mask).logits
         assert logits.shape == (2, 6) and torch.allclose(logits, clf.classifier(clf.head(pooled)), atol=1e-5)
     meta = _front_matter((out / "README.md").read_text())
